@@ -1,0 +1,126 @@
+"""APE (Zhou et al. 2022): the proposer induces instructions from demos; the scorer picks.
+
+Step 0 proposes ``n_prompts`` candidates with APE's forward-generation template, a
+completion-style meta-prompt that even small base or instruct models can continue, and
+scores them all on one fixed dev subset in one batched call. Each later step is a round of
+iterative APE: paraphrase the current top ``k`` and keep whatever scores best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from methods.base import Evaluated, Report
+from methods.evaluate import score_prompts, subsample
+from methods.lm import LM, TextPrompt
+from methods.text import clean_candidates, demo_block, input_texts
+from tasks.core import Task
+
+FORWARD_TEMPLATE = (
+    "I gave a friend an instruction and five inputs. The friend read the instruction and "
+    "wrote an output for every one of the inputs. Here are the input-output pairs:\n\n"
+    "{demos}\n\nThe instruction was to"
+)
+RESAMPLE_TEMPLATE = (
+    "Generate a variation of the following instruction while keeping the semantic meaning.\n\n"
+    "Input: {instruction}\n\nOutput:"
+)
+
+
+@dataclass(frozen=True)
+class APEState:
+    """Every scored candidate so far (text, dev score), the round, and proposal counts."""
+
+    scored: tuple[tuple[str, float], ...] = ()
+    round: int = 0
+    proposed: int = 0
+    usable: int = 0
+
+
+@dataclass(frozen=True)
+class APE:
+    """Automatic Prompt Engineer.
+
+    Args:
+        n_prompts: candidates asked of the proposer in the first round.
+        n_demos: train demos shown per meta-prompt (each candidate sees its own draw).
+        n_eval: dev examples every candidate is scored on (0 = whole dev split).
+        rounds: resampling rounds after the first (0 = plain APE).
+        top_k: candidates paraphrased per resampling round.
+        per_top: paraphrases asked per top candidate.
+        temperature: proposer sampling temperature.
+        max_new_tokens: proposal length cap.
+        include_manual: also score the task's baseline instruction, so APE never returns worse.
+    """
+
+    n_prompts: int = 8
+    n_demos: int = 5
+    n_eval: int = 64
+    rounds: int = 0
+    top_k: int = 2
+    per_top: int = 2
+    temperature: float = 0.9
+    max_new_tokens: int = 32
+    include_manual: bool = False
+
+    def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> APEState:
+        return APEState()
+
+    def step(self, state: APEState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        if state.round == 0:
+            raw, banned = self._propose(task, proposer, rng)
+            extra = [task.instruction] if self.include_manual else []
+        else:
+            raw, banned, extra = self._resample(state, proposer, rng), [], []
+        seen = [t for t, _ in state.scored]
+        candidates = clean_candidates(raw, banned, seen) + [e for e in extra if e not in seen]
+        scored, n_eval = self._score(task, candidates, scorer)
+        new = replace(
+            state, scored=state.scored + scored, round=state.round + 1,
+            proposed=state.proposed + len(raw), usable=state.usable + len(candidates) - len(extra),
+        )
+        return new, self._report(new, scored, n_eval)
+
+    def _propose(self, task: Task, proposer: LM, rng: np.random.Generator):
+        demo_sets = [subsample(task.train, self.n_demos, rng) for _ in range(self.n_prompts)]
+        contexts = [FORWARD_TEMPLATE.format(demos=demo_block(task, d)) for d in demo_sets]
+        outs = proposer.generate(
+            contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            seed=int(rng.integers(2**31)), stop=("\n\n", "Input:"),
+        )
+        banned = input_texts([ex for d in demo_sets for ex in d])
+        return [o[0] for o in outs], banned
+
+    def _resample(self, state: APEState, proposer: LM, rng: np.random.Generator) -> list[str]:
+        top = [t for t, _ in sorted(state.scored, key=lambda s: -s[1])[: self.top_k]]
+        contexts = [RESAMPLE_TEMPLATE.format(instruction=t) for t in top]
+        outs = proposer.generate(
+            contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            n=self.per_top, seed=int(rng.integers(2**31)), stop=("\n\n",),
+        )
+        return [s for row in outs for s in row]
+
+    def _score(self, task: Task, candidates: list[str], scorer: LM):
+        # A fixed dev subset (not redrawn per round) keeps scores comparable across rounds.
+        dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
+        scores = score_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
+        return tuple(zip(candidates, scores)), len(dev)
+
+    def _report(self, state: APEState, scored, n: int) -> Report:
+        metrics = {
+            "dev_score": max((s for _, s in state.scored), default=0.0),
+            "proposed": float(state.proposed),
+            "usable": float(state.usable),
+            "round": float(state.round),
+        }
+        return Report(metrics, tuple(Evaluated(t, s, n, "candidate") for t, s in scored))
+
+    def best(self, state: APEState) -> TextPrompt:
+        if not state.scored:
+            raise ValueError("APE has scored no candidate yet; run at least one step")
+        return TextPrompt(max(state.scored, key=lambda s: s[1])[0])
+
+    def done(self, state: APEState) -> bool:
+        return state.round > self.rounds

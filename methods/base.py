@@ -1,0 +1,70 @@
+"""The step-shaped optimizer protocol.
+
+A method never loops to convergence by itself: the trial (or a test) calls ``step``
+repeatedly, so the pipeline can report, checkpoint, early-stop and resume between steps.
+State is a small frozen, picklable dataclass: it *is* the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+
+from methods.lm import LM, Prompt
+from tasks.core import Task
+
+State = TypeVar("State")
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One candidate prompt scored on (part of) the dev data: a row of the run's evaluation log.
+
+    Attributes:
+        prompt: human-readable prompt (instruction text, trigger text, or soft-prompt summary).
+        score: the task metric on ``n`` dev examples.
+        n: examples it was scored on (racing scores some candidates on fewer).
+        kind: free-form role, e.g. "candidate", "offspring", "edit".
+    """
+
+    prompt: str
+    score: float
+    n: int
+    kind: str = "candidate"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one step tells the pipeline: scalar metrics plus every candidate it scored.
+
+    ``metrics`` always holds ``dev_score`` (best-so-far dev metric) so every method can be
+    compared, reported and early-stopped on the same key.
+    """
+
+    metrics: Mapping[str, float]
+    evaluated: tuple[Evaluated, ...] = field(default=())
+
+
+class Method(Protocol, Generic[State]):
+    """A prompt optimizer. Implementations are plain classes built from flat typed arguments."""
+
+    def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> State:
+        """The starting state (may already score the seed prompt)."""
+        ...
+
+    def step(
+        self, state: State, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator
+    ) -> tuple[State, Report]:
+        """One unit of search: returns the next state and what it measured."""
+        ...
+
+    def best(self, state: State) -> Prompt:
+        """The best prompt found so far (what the pipeline scores on test)."""
+        ...
+
+    def done(self, state: State) -> bool:
+        """True when the method has nothing more to do (the pipeline also caps steps)."""
+        ...

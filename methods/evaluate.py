@@ -1,0 +1,73 @@
+"""Scoring prompts on examples by label log-likelihood: one batched LM call per use.
+
+Classification and multiple choice are scored by the log-likelihood of each label
+continuation, never by generating and parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from methods.lm import LM, PROMPT_SLOT, Prompt, TextPrompt
+from tasks.core import Example, Task
+
+
+def slot_text(prompt: Prompt) -> str:
+    """What goes into the template's ``{instruction}`` slot for ``prompt``."""
+    return prompt.text if isinstance(prompt, TextPrompt) else PROMPT_SLOT
+
+
+def requests_for(task: Task, prompt: Prompt, examples: Sequence[Example]) -> list[tuple[str, str]]:
+    """Every (context, continuation) pair needed to classify ``examples`` under ``prompt``."""
+    instruction = slot_text(prompt)
+    return [(task.render(instruction, ex), c) for ex in examples for c in task.choices(ex)]
+
+
+def predictions(task: Task, examples: Sequence[Example], loglik: np.ndarray) -> np.ndarray:
+    """Argmax label per example from the flat log-likelihoods that :func:`requests_for` ordered."""
+    preds, i = np.empty(len(examples), dtype=np.int64), 0
+    for k, ex in enumerate(examples):
+        choices = task.choices(ex)
+        ll = np.asarray(loglik[i : i + len(choices)], dtype=np.float64)
+        if task.length_normalize:
+            ll = ll / np.maximum([len(c) for c in choices], 1)
+        preds[k], i = int(np.argmax(ll)), i + len(choices)
+    return preds
+
+
+def score_prompts(
+    task: Task, prompts: Sequence[Prompt], examples: Sequence[Example], scorer: LM
+) -> list[float]:
+    """Task metric of each prompt on ``examples``, all prompts in one batched call."""
+    if not prompts:
+        return []
+    requests: list[tuple[str, str]] = []
+    spliced: list = []
+    for p in prompts:
+        reqs = requests_for(task, p, examples)
+        requests += reqs
+        spliced += [None if isinstance(p, TextPrompt) else p] * len(reqs)
+    any_spliced = any(s is not None for s in spliced)
+    loglik = scorer.loglikelihood(requests, spliced if any_spliced else None)
+    per = len(requests) // len(prompts)
+    return [
+        task.score(predictions(task, examples, loglik[j * per : (j + 1) * per]), examples)
+        for j in range(len(prompts))
+    ]
+
+
+def predict(task: Task, prompt: Prompt, examples: Sequence[Example], scorer: LM) -> np.ndarray:
+    """Predicted label ids for ``examples`` under ``prompt`` (one batched call)."""
+    spliced = None if isinstance(prompt, TextPrompt) else prompt
+    loglik = scorer.loglikelihood(requests_for(task, prompt, examples), spliced)
+    return predictions(task, examples, loglik)
+
+
+def subsample(examples: Sequence[Example], n: int, rng: np.random.Generator) -> tuple[Example, ...]:
+    """``n`` examples drawn without replacement (all of them when ``n`` is 0 or too large)."""
+    if n <= 0 or n >= len(examples):
+        return tuple(examples)
+    idx = rng.choice(len(examples), size=n, replace=False)
+    return tuple(examples[i] for i in sorted(idx))

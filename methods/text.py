@@ -1,0 +1,71 @@
+"""Helpers shared by the text-prompt methods: cleaning what a proposer LM writes.
+
+Small proposers (a 135M model on CPU) often continue a meta-prompt with example inputs,
+blank lines or copies of the demos instead of an instruction. Every text method runs its
+raw proposals through :func:`clean_candidates` and reports how many were usable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from tasks.core import Example, Task
+
+_QUOTES = "\"'`“”‘’"
+_LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*•]|instruction\s*\d*\s*:)\s*", re.IGNORECASE)
+
+
+def clean_one(raw: str, max_words: int = 60) -> str:
+    """First meaningful line of ``raw``, list markers and wrapping quotes removed; '' if unusable."""
+    for line in raw.splitlines():
+        line = _LIST_MARK.sub("", line).strip().strip(_QUOTES).strip()
+        if line:
+            break
+    else:
+        return ""
+    words = line.split()
+    if len(words) < 2 or len(words) > max_words:
+        return ""
+    return line[0].upper() + line[1:]
+
+
+def clean_candidates(
+    raws: Iterable[str], banned: Sequence[str] = (), seen: Iterable[str] = ()
+) -> list[str]:
+    """Usable, de-duplicated instructions from raw proposals.
+
+    Args:
+        raws: proposer outputs.
+        banned: texts a candidate must not copy (the demo inputs shown to the proposer).
+        seen: instructions already known (dropped as duplicates, case-insensitively).
+    """
+    known = {_key(s) for s in seen}
+    banned_keys = [_key(b) for b in banned if len(b) > 12]
+    out = []
+    for raw in raws:
+        cand = clean_one(raw)
+        key = _key(cand)
+        if not cand or key in known or any(b in key or key in b for b in banned_keys):
+            continue
+        known.add(key)
+        out.append(cand)
+    return out
+
+
+def _key(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def demo_block(task: Task, examples: Sequence[Example], output_name: str = "Output") -> str:
+    """Input/output pairs in the form APE's forward-generation template shows them."""
+    lines = []
+    for ex in examples:
+        text = " ".join(ex.inputs[f] for f in task.fields if f not in ("shots", "header"))
+        lines.append(f"Input: {text}\n{output_name}:{task.choices(ex)[ex.label]}")
+    return "\n\n".join(lines)
+
+
+def input_texts(examples: Sequence[Example]) -> list[str]:
+    """Every input field value of ``examples`` (what proposals must not copy)."""
+    return [v for ex in examples for v in ex.inputs.values()]

@@ -1,0 +1,124 @@
+"""A task is data: examples, a prompt template with an instruction slot, label words, a metric.
+
+Nothing here knows about models, Ray or configs. Methods render prompts with
+:meth:`Task.render` and read label continuations with :meth:`Task.choices`.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class TaskError(ValueError):
+    """Bad task input: the message is one line a user can act on."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example.
+
+    Attributes:
+        inputs: template fields, e.g. ``{"sentence": "..."}``.
+        label: index into the task's verbalizer (or into ``choices``).
+        choices: per-example continuations (MMLU cloze form); ``None`` means the task's verbalizer.
+        group: a sub-population to report separately (an MMLU subject); empty for none.
+    """
+
+    inputs: Mapping[str, str]
+    label: int
+    choices: tuple[str, ...] | None = None
+    group: str = ""
+
+
+def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Fraction of predictions equal to labels (0.0 for an empty split)."""
+    if len(labels) == 0:
+        return 0.0
+    return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
+
+
+def macro_f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
+    p, y = np.asarray(predictions), np.asarray(labels)
+    scores = []
+    for c in np.union1d(p, y):
+        tp = np.sum((p == c) & (y == c))
+        denom = np.sum(p == c) + np.sum(y == c)
+        scores.append(0.0 if denom == 0 else 2.0 * tp / denom)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+METRICS: Mapping[str, Callable[[Sequence[int], Sequence[int]], float]] = {
+    "accuracy": accuracy,
+    "macro_f1": macro_f1,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification or multiple-choice task scored by label log-likelihood.
+
+    Attributes:
+        name: short id used in results, e.g. ``"sst2"``.
+        template: ``str.format`` template; ``{instruction}`` is the slot text methods optimize,
+            the other fields come from ``Example.inputs``.
+        verbalizer: label id -> continuation, e.g. ``(" negative", " positive")``.
+        instruction: the hand-written baseline instruction (what ``manual`` evaluates).
+        train, dev, test: splits. Methods select on ``dev`` (or ``train``); ``test`` is for
+            the final report only.
+        metric: name in :data:`METRICS`.
+        length_normalize: divide each choice's log-likelihood by its length in characters
+            before the argmax (the cloze form of multiple choice, where options differ in length).
+    """
+
+    name: str
+    template: str
+    verbalizer: tuple[str, ...]
+    instruction: str
+    train: tuple[Example, ...]
+    dev: tuple[Example, ...]
+    test: tuple[Example, ...]
+    metric: str = "accuracy"
+    length_normalize: bool = False
+    fields: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        names = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
+        if "instruction" not in names:
+            raise TaskError(f"task {self.name!r}: template has no {{instruction}} slot")
+        if self.metric not in METRICS:
+            raise TaskError(f"task {self.name!r}: unknown metric {self.metric!r}; known: {sorted(METRICS)}")
+        object.__setattr__(self, "fields", tuple(sorted(names - {"instruction"})))
+        for split_name in ("train", "dev", "test"):
+            self._check_split(split_name, getattr(self, split_name))
+
+    def _check_split(self, split_name: str, examples: Sequence[Example]) -> None:
+        for i, ex in enumerate(examples):
+            missing = [f for f in self.fields if f not in ex.inputs]
+            if missing:
+                raise TaskError(f"task {self.name!r}: {split_name}[{i}] lacks template field(s) {missing}")
+            n = len(self.choices(ex))
+            if not 0 <= ex.label < n:
+                raise TaskError(f"task {self.name!r}: {split_name}[{i}] label {ex.label} outside 0..{n - 1}")
+
+    def render(self, instruction: str, example: Example) -> str:
+        """The context string for ``example`` with ``instruction`` in the slot."""
+        return self.template.format(instruction=instruction, **example.inputs)
+
+    def choices(self, example: Example) -> tuple[str, ...]:
+        """Continuations to score for ``example``; the correct one is ``choices[label]``."""
+        return example.choices if example.choices is not None else self.verbalizer
+
+    def score(self, predictions: Sequence[int], examples: Sequence[Example]) -> float:
+        """The task metric of ``predictions`` against the examples' labels."""
+        return METRICS[self.metric](predictions, [ex.label for ex in examples])
+
+    def split(self, name: str) -> tuple[Example, ...]:
+        """A split by name, with a clear error for a typo."""
+        if name not in ("train", "dev", "test"):
+            raise TaskError(f"unknown split {name!r}; expected train, dev or test")
+        return getattr(self, name)

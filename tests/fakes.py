@@ -1,0 +1,112 @@
+"""A scripted fake LM with a planted objective, so method tests check the algorithm, not a model.
+
+The planted objective: an instruction's accuracy grows with how many of ``GOOD_WORDS`` it
+contains. The fake scorer reads the instruction out of the context and answers an example
+correctly iff a stable per-example hash falls under that accuracy. The fake proposer writes
+instructions by recombining words it sees in its context with words from ``VOCAB``, so a
+method that selects well climbs and a method that ignores scores does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from methods.lm import PROMPT_SLOT, SoftPrompt, TokenPrompt
+from tasks.core import Example, Task
+
+GOOD_WORDS = ("carefully", "sentiment", "label", "decide", "review")
+BAD_WORDS = ("banana", "purple", "seven", "maybe", "the", "quickly", "random", "ignore")
+VOCAB = GOOD_WORDS + BAD_WORDS
+TEMPLATE = "{instruction}\nInput: {sentence}\nLabel:"
+VERBALIZER = (" no", " yes")
+
+
+def planted_task(n_train: int = 40, n_dev: int = 40, n_test: int = 40, seed: int = 0) -> Task:
+    """A binary task whose examples state their own label, for the fake scorer to read."""
+    rng = np.random.default_rng(seed)
+
+    def split(offset: int, n: int) -> tuple[Example, ...]:
+        labels = rng.integers(0, 2, size=n)
+        return tuple(
+            Example({"sentence": f"case {offset + i} is {VERBALIZER[y].strip()}"}, int(y))
+            for i, y in enumerate(labels)
+        )
+
+    return Task(
+        name="planted", template=TEMPLATE, verbalizer=VERBALIZER, instruction="the banana",
+        train=split(0, n_train), dev=split(10_000, n_dev), test=split(20_000, n_test),
+    )
+
+
+def quality(instruction: str) -> float:
+    """Planted accuracy of an instruction: 0.5 plus 0.1 per distinct good word present."""
+    words = set(re.findall(r"[a-z]+", instruction.lower()))
+    return 0.5 + 0.1 * sum(w in words for w in GOOD_WORDS)
+
+
+def _unit(text: str) -> float:
+    """A stable pseudo-random number in [0, 1) for ``text``."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 2**32
+
+
+class PlantedLM:
+    """Satisfies ``methods.lm.LM`` with a planted objective; counts the requests it served."""
+
+    def __init__(self, dim: int = 8, vocab: int = 32) -> None:
+        self.calls = 0
+        self.requests = 0
+        self.generated: list[str] = []
+        self._emb = np.random.default_rng(0).standard_normal((vocab, dim)).astype(np.float32)
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], prompt=None) -> np.ndarray:
+        self.calls += 1
+        self.requests += len(requests)
+        prompts = prompt if isinstance(prompt, (list, tuple)) else [prompt] * len(requests)
+        return np.array([self._ll(c, k, p) for (c, k), p in zip(requests, prompts)], dtype=np.float64)
+
+    def _ll(self, context: str, continuation: str, prompt) -> float:
+        instruction, _, rest = context.partition("\nInput: ")
+        if PROMPT_SLOT in instruction:
+            instruction = instruction.replace(PROMPT_SLOT, self._prompt_words(prompt))
+        truth = " yes" if rest.split("\n")[0].endswith("yes") else " no"
+        correct = _unit(rest) < quality(instruction)
+        return 0.0 if (continuation == truth) == correct else -1.0
+
+    def _prompt_words(self, prompt) -> str:
+        if isinstance(prompt, TokenPrompt):
+            return " ".join(VOCAB[i % len(VOCAB)] for i in prompt.ids)
+        if isinstance(prompt, SoftPrompt):
+            return " ".join(VOCAB[i % len(VOCAB)] for i in self.nearest_ids(prompt.embeddings))
+        return ""
+
+    def nearest_ids(self, embeddings: np.ndarray) -> list[int]:
+        return [int(np.argmax(self._emb @ e)) for e in embeddings]
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        self.calls += 1
+        rng = np.random.default_rng(seed)
+        out = [[self._propose(c, rng) for _ in range(n)] for c in contexts]
+        self.generated += [s for row in out for s in row]
+        return out
+
+    def _propose(self, context: str, rng: np.random.Generator) -> str:
+        seen = [w for w in re.findall(r"[a-z]+", context.lower()) if w in VOCAB]
+        pool = seen + list(VOCAB) if seen else list(VOCAB)
+        k = int(rng.integers(2, 6))
+        return " ".join(rng.choice(pool, size=k)).capitalize() + "."
+
+    def prompt_grad(self, requests, prompt):
+        raise NotImplementedError("PlantedLM has no gradients; use tests/tiny.py models")
+
+    def token_embeddings(self) -> np.ndarray:
+        return self._emb
+
+    def tokenize(self, text: str) -> list[int]:
+        return [VOCAB.index(w) for w in re.findall(r"[a-z]+", text.lower()) if w in VOCAB]
+
+    def decode(self, ids) -> str:
+        return " ".join(VOCAB[i % len(VOCAB)] for i in ids)

@@ -1,0 +1,64 @@
+"""manual and APE against the planted fake LM: the algorithm, not a model, is under test."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from methods.ape import APE
+from methods.manual import Manual
+from methods.text import clean_candidates, clean_one
+from tests.fakes import PlantedLM, planted_task, quality
+
+
+def run(method, task, lm, steps=10, seed=0):
+    rng = np.random.default_rng(seed)
+    state = method.init(task, lm, lm, rng)
+    reports = []
+    while not method.done(state) and len(reports) < steps:
+        state, report = method.step(state, task, lm, lm, rng)
+        reports.append(report)
+    return state, reports
+
+
+def test_manual_scores_the_task_instruction_once():
+    task, lm = planted_task(), PlantedLM()
+    state, reports = run(Manual(), task, lm)
+    assert len(reports) == 1 and lm.calls == 1
+    assert Manual().best(state).text == "the banana"
+    assert reports[0].metrics["dev_score"] == pytest.approx(reports[0].evaluated[0].score)
+    assert lm.requests == 2 * len(task.dev)
+
+
+def test_ape_picks_the_best_scoring_candidate_and_beats_the_seed():
+    task, lm = planted_task(n_dev=60), PlantedLM()
+    method = APE(n_prompts=12, n_eval=0, rounds=2)
+    state, reports = run(method, task, lm)
+    assert len(reports) == 3
+    best = method.best(state).text
+    assert best == max(state.scored, key=lambda s: s[1])[0]
+    assert quality(best) > quality(task.instruction)
+    assert reports[-1].metrics["dev_score"] >= reports[0].metrics["dev_score"]
+    # every round scores all of its candidates in one scorer call
+    assert lm.calls == 3 + 3
+
+
+def test_ape_state_survives_pickle_and_resume_gives_same_result():
+    task = planted_task()
+    method = APE(n_prompts=6, rounds=2)
+    full, _ = run(method, task, PlantedLM(), seed=3)
+    rng = np.random.default_rng(3)
+    lm = PlantedLM()
+    state = method.init(task, lm, lm, rng)
+    state, _ = method.step(state, task, lm, lm, rng)
+    state, rng = pickle.loads(pickle.dumps((state, rng)))
+    while not method.done(state):
+        state, _ = method.step(state, task, lm, lm, rng)
+    assert state == full
+
+
+def test_clean_candidates_drops_empty_duplicates_and_copies():
+    demos = ["a gripping, funny and moving film about love"]
+    raws = ["", "1. Classify the review.", "classify the review", demos[0], "ok", '"Decide the label"']
+    assert clean_candidates(raws, banned=demos) == ["Classify the review.", "Decide the label"]
+    assert clean_one("\n\n  - write the sentiment\nmore") == "Write the sentiment"
