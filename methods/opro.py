@@ -1,0 +1,136 @@
+"""OPRO (Yang et al. 2023, "Large Language Models as Optimizers"): the LM reads a scored history.
+
+Each step shows the proposer a meta-prompt with the top ``k`` instructions found so far and
+their scores (0-100), sorted *ascending* so the best sit right before the cue, followed by a
+few task exemplars with the instruction's position marked ``<INS>``. The proposer writes
+``n_proposals`` new instructions (one batched generate call, each context with its own
+exemplar draw); duplicates of anything already scored are dropped and the rest are scored in
+one batched scorer call. The first step only scores the seed instruction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from methods.base import Evaluated, Report
+from methods.evaluate import score_prompts, subsample
+from methods.lm import LM, TextPrompt
+from methods.racing import fixed_dev
+from methods.text import clean_candidates, input_texts
+from tasks.core import Example, Task
+
+HEAD = (
+    "I have some texts along with their corresponding scores. The texts are arranged in ascending "
+    "order based on their scores, where higher scores indicate better quality.\n\n"
+)
+PAIR = "text:\n{text}\nscore:\n{score}\n\n"
+EXEMPLAR_HEAD = (
+    "The following exemplars show how to apply your text: you replace <INS> in each input with "
+    "your text, then read the input and give an output. We say your output is wrong if your output "
+    "is different from the given output, and we say your output is correct if they are the same.\n\n"
+)
+EXEMPLAR = "input:\n{input}\noutput:\n{output}\n\n"
+# The paper asks for the text "in square brackets"; a small model continues the history's own
+# "text:" pattern far more reliably, and the "score:" it writes next is where generation stops.
+CUE = (
+    "Write your new text that is different from the old ones and has a score as high as "
+    "possible.\n\ntext:\n"
+)
+_NO_FEWSHOT = ("shots", "header")
+
+
+@dataclass(frozen=True)
+class OPROState:
+    """Every scored instruction (text, dev score) in discovery order, and proposal counts."""
+
+    scored: tuple[tuple[str, float], ...] = ()
+    step: int = 0
+    proposed: int = 0
+    usable: int = 0
+
+
+def exemplar(task: Task, ex: Example) -> str:
+    """One exemplar: the rendered input with ``<INS>`` in the slot, and its gold output."""
+    # Few-shot blocks (MMLU) would swamp a small proposer's context; the slot position is the point.
+    inputs = {k: ("" if k in _NO_FEWSHOT else v) for k, v in ex.inputs.items()}
+    text = task.template.format(instruction="<INS>", **inputs)
+    return EXEMPLAR.format(input=text, output=task.choices(ex)[ex.label].strip())
+
+
+def meta_prompt(task: Task, history: Sequence[tuple[str, float]], exemplars: Sequence[Example], top_k: int) -> str:
+    """OPRO's meta-prompt: top ``top_k`` of ``history`` ascending by score, exemplars, the cue."""
+    top = sorted(history, key=lambda p: p[1])[-top_k:] if top_k > 0 else []
+    pairs = "".join(PAIR.format(text=t, score=round(100 * s)) for t, s in top)
+    demos = "".join(exemplar(task, ex) for ex in exemplars)
+    return HEAD + pairs + (EXEMPLAR_HEAD + demos if demos else "") + CUE
+
+
+@dataclass(frozen=True)
+class OPRO:
+    """Optimization by PROmpting.
+
+    Args:
+        n_proposals: new instructions asked per step (one context each, one generate call).
+        top_k: best past instructions shown in the meta-prompt (the paper shows 20).
+        n_exemplars: task exemplars per meta-prompt, drawn from train per context.
+        n_eval: dev examples each instruction is scored on (0 = whole dev split).
+        temperature: proposer temperature (the paper samples at 1.0 for diversity).
+        max_new_tokens: proposal length cap.
+    """
+
+    n_proposals: int = 4
+    top_k: int = 10
+    n_exemplars: int = 3
+    n_eval: int = 32
+    temperature: float = 1.0
+    max_new_tokens: int = 40
+
+    def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> OPROState:
+        return OPROState()
+
+    def step(self, state: OPROState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        if not state.scored:
+            candidates, raw_n, kind = [task.instruction], 0, "seed"
+        else:
+            raws, banned = self._propose(state, task, proposer, rng)
+            candidates = clean_candidates(raws, banned, [t for t, _ in state.scored])
+            raw_n, kind = len(raws), "candidate"
+        dev = fixed_dev(task, self.n_eval)
+        scores = score_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
+        new = replace(
+            state, scored=state.scored + tuple(zip(candidates, scores)), step=state.step + 1,
+            proposed=state.proposed + raw_n, usable=state.usable + (len(candidates) if raw_n else 0),
+        )
+        evaluated = tuple(Evaluated(c, s, len(dev), kind) for c, s in zip(candidates, scores))
+        return new, Report(self._metrics(new, scores), evaluated)
+
+    def _propose(self, state: OPROState, task: Task, proposer: LM, rng: np.random.Generator):
+        draws = [subsample(task.train, self.n_exemplars, rng) for _ in range(self.n_proposals)]
+        contexts = [meta_prompt(task, state.scored, d, self.top_k) for d in draws]
+        outs = proposer.generate(
+            contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            seed=int(rng.integers(2**31)), stop=("\nscore", "\n\n"),
+        )
+        return [o[0] for o in outs], input_texts([ex for d in draws for ex in d])
+
+    def _metrics(self, state: OPROState, scores: Sequence[float]) -> dict[str, float]:
+        top = sorted(s for _, s in state.scored)[-self.top_k :]
+        return {
+            "dev_score": max(s for _, s in state.scored),
+            "proposed": float(state.proposed),
+            "usable": float(state.usable),
+            "step_best": max(scores, default=float("nan")),
+            "population_mean": float(np.mean(top)),
+        }
+
+    def best(self, state: OPROState) -> TextPrompt:
+        if not state.scored:
+            raise ValueError("OPRO has scored nothing yet; run at least one step")
+        return TextPrompt(max(state.scored, key=lambda p: p[1])[0])
+
+    def done(self, state: OPROState) -> bool:
+        # OPRO has no natural end: the pipeline's step cap (or early stopping) ends it.
+        return False

@@ -1,0 +1,145 @@
+"""Evaluation helpers shared by the LLM-driven search methods: batched predictions and racing.
+
+Racing spends a fixed budget of *pulls* (one pull = one candidate scored on one small random
+dev minibatch) to find the best few of many candidates without scoring all of them on the
+full dev set. Both races here batch every pull of a round into one scorer call: the caller
+passes a ``pull`` function that scores a list of arms on one fresh minibatch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from methods.evaluate import predictions, requests_for, score_prompts, subsample
+from methods.lm import LM, TextPrompt
+from tasks.core import Example, Task
+
+# ``pull(arms, reps)`` -> the score of each arm on one fresh minibatch of ``reps`` pulls' worth
+# of examples, all arms in one scorer call.
+Pull = Callable[[Sequence[int], int], Sequence[float]]
+
+
+def fixed_dev(task: Task, n_eval: int) -> tuple[Example, ...]:
+    """The dev subset every candidate of a run is scored on.
+
+    Drawn with its own fixed seed (not the method's rng) so scores stay comparable across
+    steps and across a resumed run.
+    """
+    return subsample(task.dev, n_eval, np.random.default_rng(0))
+
+
+def predict_many(
+    task: Task, instructions: Sequence[str], examples: Sequence[Example], scorer: LM
+) -> np.ndarray:
+    """Predicted label ids of every instruction on every example, in one scorer call.
+
+    Returns:
+        int64 array ``[len(instructions), len(examples)]``.
+    """
+    if not instructions or not examples:
+        return np.zeros((len(instructions), len(examples)), dtype=np.int64)
+    requests = [r for text in instructions for r in requests_for(task, TextPrompt(text), examples)]
+    loglik = scorer.loglikelihood(requests)
+    per = len(requests) // len(instructions)
+    return np.stack(
+        [predictions(task, examples, loglik[j * per : (j + 1) * per]) for j in range(len(instructions))]
+    )
+
+
+@dataclass(frozen=True)
+class Race:
+    """Outcome of a race over ``n`` arms.
+
+    Attributes:
+        means: mean minibatch score per arm (``-inf`` for an arm never pulled), ``[n]``.
+        counts: pulls per arm, ``[n]``.
+        pulls: total pulls spent (never more than the budget).
+        rounds: scorer calls made.
+    """
+
+    means: tuple[float, ...]
+    counts: tuple[int, ...]
+    pulls: int
+    rounds: int
+
+    def top(self, k: int) -> list[int]:
+        """Indices of the ``k`` arms with the highest mean (ties: more pulls, then lower index)."""
+        order = sorted(range(len(self.means)), key=lambda i: (-self.means[i], -self.counts[i], i))
+        return order[:k]
+
+
+class _Tally:
+    """Running sums of a race (local to one race call, never stored in a state)."""
+
+    def __init__(self, n: int) -> None:
+        self.sums, self.counts, self.pulls, self.rounds = np.zeros(n), np.zeros(n, dtype=np.int64), 0, 0
+
+    def add(self, arms: Sequence[int], scores: Sequence[float], reps: int) -> None:
+        for a, s in zip(arms, scores):
+            self.sums[a] += s * reps
+            self.counts[a] += reps
+        self.pulls += len(arms) * reps
+        self.rounds += 1
+
+    def means(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), -np.inf)
+
+    def result(self) -> Race:
+        return Race(tuple(float(m) for m in self.means()), tuple(int(c) for c in self.counts), self.pulls, self.rounds)
+
+
+def ucb_race(
+    n_arms: int, pull: Pull, budget: int, per_round: int, rng: np.random.Generator, c: float = 1.0
+) -> Race:
+    """UCB1 best-arm identification (ProTeGi's Algorithm 2), batched.
+
+    Round one pulls every arm once (a random subset if the budget is smaller); each later
+    round pulls the ``per_round`` arms with the highest ``mean + c * sqrt(ln t / n_i)``, where
+    ``t`` is the pulls spent so far, until ``budget`` pulls are spent.
+    """
+    tally = _Tally(n_arms)
+    first = list(range(n_arms)) if budget >= n_arms else sorted(rng.choice(n_arms, budget, replace=False))
+    if first:
+        tally.add(first, pull(first, 1), 1)
+    while tally.pulls < budget:
+        k = min(per_round, budget - tally.pulls, n_arms)
+        bonus = c * np.sqrt(math.log(max(tally.pulls, 2)) / np.maximum(tally.counts, 1))
+        ucb = np.where(tally.counts > 0, tally.means() + bonus, np.inf)
+        arms = sorted(np.argsort(-ucb, kind="stable")[:k].tolist())
+        tally.add(arms, pull(arms, 1), 1)
+    return tally.result()
+
+
+def successive_rejects(n_arms: int, pull: Pull, budget: int, keep: int) -> Race:
+    """Successive Rejects (Audibert & Bubeck 2010; ProTeGi's Algorithm 3) down to ``keep`` arms.
+
+    Phase ``k`` tops every surviving arm up to ``n_k`` pulls, with
+    ``n_k = ceil((budget - K) / (logbar(K) * (K + 1 - k)))``, in one scorer call, then rejects
+    the arm with the lowest mean. Arms still alive at the end have the most pulls.
+    """
+    tally, alive = _Tally(n_arms), list(range(n_arms))
+    logbar = 0.5 + sum(1.0 / i for i in range(2, n_arms + 1))
+    done_per_arm = 0
+    for k in range(1, n_arms - keep + 1):
+        target = max(1, math.ceil((budget - n_arms) / (logbar * (n_arms + 1 - k))))
+        reps = min(target - done_per_arm, (budget - tally.pulls) // len(alive))
+        if reps > 0:
+            tally.add(alive, pull(alive, reps), reps)
+            done_per_arm += reps
+        means = tally.means()
+        alive.remove(min(alive, key=lambda a: (means[a], -a)))
+    return tally.result()
+
+
+def minibatch_pull(task: Task, arms_text: Sequence[str], pull_size: int, rng: np.random.Generator, scorer: LM) -> Pull:
+    """A :data:`Pull` that scores arms (instruction texts) on fresh random dev minibatches."""
+    def pull(arms: Sequence[int], reps: int) -> list[float]:
+        batch = subsample(task.dev, pull_size * reps, rng)
+        return score_prompts(task, [TextPrompt(arms_text[a]) for a in arms], batch, scorer)
+
+    return pull

@@ -1,0 +1,99 @@
+"""OPRO against the planted fake LM: the scored history must steer the search."""
+
+import pickle
+import re
+from pathlib import Path
+
+import hydra.utils
+import numpy as np
+from omegaconf import OmegaConf
+
+from methods.opro import OPRO, OPROState, meta_prompt
+from tests.fakes import PlantedLM, planted_task, quality
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(method, task, lm, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    state = method.init(task, lm, lm, rng)
+    reports = []
+    for _ in range(steps):
+        state, report = method.step(state, task, lm, lm, rng)
+        reports.append(report)
+    return state, reports
+
+
+def test_opro_climbs_the_planted_objective_with_one_scorer_call_per_step():
+    task, lm = planted_task(n_dev=60), PlantedLM()
+    method = OPRO(n_proposals=6, n_eval=0)
+    state, reports = run(method, task, lm, steps=6)
+    best = method.best(state).text
+    assert quality(best) > quality(task.instruction) + 0.15
+    curve = [r.metrics["dev_score"] for r in reports]
+    assert curve == sorted(curve) and curve[-1] > curve[0]
+    # step 0 scores the seed only; later steps: one generate call + one scorer call
+    assert lm.calls == 1 + 5 * 2
+    assert reports[0].evaluated[0].prompt == task.instruction and reports[0].evaluated[0].kind == "seed"
+    logged = [e.prompt for r in reports for e in r.evaluated]
+    assert len(logged) == len(state.scored) == len(set(logged))
+    assert reports[-1].metrics["usable"] <= reports[-1].metrics["proposed"] == 5 * 6
+
+
+def test_opro_proposals_improve_as_the_history_improves():
+    # The fake proposer recombines words it is shown: only a history showing the *best* past
+    # instructions makes later proposals better than the first ones (averaged over seeds).
+    gains = []
+    for seed in range(6):
+        task, lm = planted_task(n_dev=60), PlantedLM()
+        _, reports = run(OPRO(n_proposals=6, n_eval=0, top_k=3), task, lm, steps=8, seed=seed)
+        first = np.mean([quality(e.prompt) for e in reports[1].evaluated])
+        late = np.mean([quality(e.prompt) for r in reports[-3:] for e in r.evaluated])
+        gains.append(late - first)
+    assert np.mean(gains) > 0.01
+
+
+def test_meta_prompt_lists_top_k_ascending_with_integer_scores_and_ins_exemplars():
+    task = planted_task()
+    history = [("Alpha beta", 0.7), ("Gamma delta", 0.55), ("Epsilon zeta", 0.9), ("Eta theta", 0.6)]
+    text = meta_prompt(task, history, task.train[:2], top_k=3)
+    shown = re.findall(r"text:\n(.*)\nscore:\n(\d+)", text)
+    assert shown == [("Eta theta", "60"), ("Alpha beta", "70"), ("Epsilon zeta", "90")]
+    assert text.count("<INS>\nInput: case") == 2
+    assert text.endswith("text:\n")
+
+
+class EchoLM(PlantedLM):
+    """Proposes the best instruction already in its context (a copy) or a fixed new one."""
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        self.calls += 1
+        shown = [re.findall(r"text:\n(.*)\nscore", c) for c in contexts]
+        return [[s[-1] if i % 2 == 0 else "Decide the label carefully."] for i, s in enumerate(shown)]
+
+
+def test_opro_drops_duplicates_of_scored_and_of_each_other():
+    task, lm = planted_task(), EchoLM()
+    method = OPRO(n_proposals=4)
+    state, reports = run(method, task, lm, steps=2)
+    assert [t for t, _ in state.scored] == [task.instruction, "Decide the label carefully."]
+    assert reports[1].metrics["proposed"] == 4 and reports[1].metrics["usable"] == 1
+
+
+def test_opro_state_pickles_and_resumes_to_the_same_state():
+    task, method = planted_task(), OPRO(n_proposals=3)
+    full, _ = run(method, task, PlantedLM(), steps=4, seed=5)
+    lm, rng = PlantedLM(), np.random.default_rng(5)
+    state = method.init(task, lm, lm, rng)
+    for _ in range(2):
+        state, _ = method.step(state, task, lm, lm, rng)
+    state, rng = pickle.loads(pickle.dumps((state, rng)))
+    for _ in range(2):
+        state, _ = method.step(state, task, lm, lm, rng)
+    assert isinstance(state, OPROState) and state == full
+
+
+def test_opro_yaml_instantiates():
+    cfg = OmegaConf.load(ROOT / "conf/method/opro.yaml")
+    method = hydra.utils.instantiate(cfg, _convert_="all")
+    assert isinstance(method, OPRO) and method.n_proposals >= 1
