@@ -31,7 +31,7 @@ csv.field_size_limit(2**27)
 
 
 def data_file(data_dir: str, *parts: str) -> Path:
-    """The path of a benchmark file under ``data_dir``, checked to exist.
+    """The path of a benchmark file (or folder) under ``data_dir``, checked to exist.
 
     Raises:
         TaskError: naming the data directory when it is missing, else the missing file.
@@ -40,7 +40,7 @@ def data_file(data_dir: str, *parts: str) -> Path:
     if not root.is_dir():
         raise TaskError(f"data directory not found: {root} ({DATA_HINT})")
     path = root.joinpath(*parts)
-    if not path.is_file():
+    if not path.exists():
         raise TaskError(f"data file not found: {path} ({DATA_HINT})")
     return path
 
@@ -387,7 +387,7 @@ def _bbh_label_examples(
 
 def mmlu_subjects(data_dir: str, subjects: Sequence[str] | str | None) -> list[str]:
     """The chosen subject names, checked against the test files present."""
-    folder = data_file(data_dir, "mmlu", "data", "README.txt").parent / "test"
+    folder = data_file(data_dir, "mmlu", "data", "test")
     known = sorted(p.name[: -len("_test.csv")] for p in folder.glob("*_test.csv"))
     if not known:
         raise TaskError(f"no MMLU subjects found in {folder}")
