@@ -1,0 +1,282 @@
+"""AutoPrompt (Shin et al. 2020): gradient-guided search over discrete trigger tokens.
+
+The task's ``{instruction}`` slot holds ``n_triggers`` vocabulary tokens. Each step
+accumulates the gradient of the correct label's negative log-likelihood with respect to
+the trigger embeddings, picks one trigger position, and ranks every vocabulary token ``v``
+by the first-order (HotFlip) estimate of the loss change, ``-grad[slot] . E[v]``. The top
+``k`` candidates (each the current triggers with that one position replaced) and the
+current triggers are then scored on the same examples in one batched ``loglikelihood``
+call; the best candidate is kept only if it beats the current triggers.
+
+Only ``prompt_grad``, ``loglikelihood``, ``token_embeddings``, ``tokenize`` and ``decode``
+are used, so any backend of the ``LM`` protocol (causal, or masked when the backend
+predicts the continuation at mask positions) can run it.
+
+Simplifications, stated: label-token search (the paper's automatic verbalizer) is not
+done, the task's verbalizer is used as is; the "accuracy" objective breaks ties by the
+label log-likelihood, because on a small batch many candidates tie on accuracy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from methods.base import Evaluated, Report
+from methods.evaluate import predictions, requests_for, score_prompts, subsample
+from methods.lm import LM, PROMPT_SLOT, TokenPrompt
+from tasks.core import Example, Task
+
+# Control tokens decode to bracketed names ("<|endoftext|>", "<s>", "[MASK]") or to nothing.
+_SPECIAL = re.compile(r"^(<\|?[^<>\s]*\|?>|\[[A-Z_]+\])$")
+
+
+@dataclass(frozen=True)
+class AutoPromptState:
+    """Current and best triggers: the whole checkpoint.
+
+    Attributes:
+        ids, text: the current trigger ids and their decoded text.
+        loss: the current triggers' objective on the last step's batch (lower is better).
+        best_ids, best_text, best_dev: the triggers with the highest dev score so far.
+        step: steps taken.
+        slot: the next trigger position to flip when cycling through positions.
+        accepted: how many steps replaced a token.
+    """
+
+    ids: tuple[int, ...]
+    text: str
+    loss: float = float("nan")
+    best_ids: tuple[int, ...] = ()
+    best_text: str = ""
+    best_dev: float = float("-inf")
+    step: int = 0
+    slot: int = 0
+    accepted: int = 0
+
+
+@dataclass(frozen=True)
+class AutoPrompt:
+    """Gradient-guided discrete trigger search.
+
+    Args:
+        n_triggers: trigger tokens in the slot.
+        init_token: text whose first token fills every trigger at the start (e.g. " the");
+            empty means random vocabulary tokens that pass the filters.
+        n_candidates: top-``k`` tokens by the HotFlip score that are scored each step.
+        batch_size: train examples per gradient minibatch.
+        n_grad_batches: minibatches whose gradients are averaged (and on whose union the
+            candidates are scored), as the paper's ``accumulation_steps``.
+        objective: "nll" (mean negative log-likelihood of the correct label) or "accuracy".
+        random_slot: pick the position to flip at random (the paper's choice) instead of
+            cycling through positions.
+        filter_special: drop tokens that decode to control tokens or to nothing.
+        filter_words: keep only lowercase alphabetic tokens that start a word (drops sub-word
+            pieces, punctuation and, like the paper's filter, capitalized words).
+        filter_labels: drop the tokens of the label words, so triggers cannot spell the answer.
+        max_checks: ranked tokens inspected per step to find ``n_candidates`` that pass.
+        eval_every: steps between dev evaluations of the current triggers.
+        n_eval: dev examples (a fixed subset) per evaluation; 0 means the whole dev split.
+    """
+
+    n_triggers: int = 4
+    init_token: str = " the"
+    n_candidates: int = 16
+    batch_size: int = 8
+    n_grad_batches: int = 1
+    objective: str = "nll"
+    random_slot: bool = True
+    filter_special: bool = True
+    filter_words: bool = False
+    filter_labels: bool = True
+    max_checks: int = 400
+    eval_every: int = 5
+    n_eval: int = 64
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("nll", "accuracy"):
+            raise ValueError(f"objective must be 'nll' or 'accuracy', got {self.objective!r}")
+        if min(self.n_triggers, self.n_candidates, self.batch_size, self.n_grad_batches) < 1:
+            raise ValueError("n_triggers, n_candidates, batch_size and n_grad_batches must be >= 1")
+
+    def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> AutoPromptState:
+        if self.init_token:
+            ids = tuple(scorer.tokenize(self.init_token)[:1] * self.n_triggers)
+            if not ids:
+                raise ValueError(f"init_token {self.init_token!r} tokenizes to nothing")
+        else:
+            ranked = rng.permutation(scorer.token_embeddings().shape[0])
+            ids = tuple(top_allowed(ranked, self.n_triggers, self._allowed(task, scorer, ()), self.max_checks))
+            if len(ids) < self.n_triggers:
+                raise ValueError("too few vocabulary tokens pass the filters for a random init")
+        return AutoPromptState(ids=ids, text=scorer.decode(ids))
+
+    def step(self, state: AutoPromptState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        batches = self._batches(task, rng)
+        grad, grad_loss = self._grad(task, state.ids, batches, scorer)
+        slot = int(rng.integers(self.n_triggers)) if self.random_slot else state.slot
+        ranked = np.argsort(-hotflip_scores(grad[slot], scorer.token_embeddings()), kind="stable")
+        allowed = self._allowed(task, scorer, (state.ids[slot],))
+        cands = top_allowed(ranked, self.n_candidates, allowed, self.max_checks)
+        trials = [state.ids] + [swap(state.ids, slot, c) for c in cands]
+        examples = [ex for b in batches for ex in b]
+        table = objective_table(task, [TokenPrompt(t) for t in trials], examples, scorer, self.objective)
+        j = int(np.lexsort((table[:, 1], table[:, 0]))[0])
+        j = j if tuple(table[j]) < tuple(table[0]) else 0
+        new = replace(
+            state, ids=trials[j], text=scorer.decode(trials[j]) if j else state.text,
+            loss=float(table[j, 0]), step=state.step + 1, slot=(slot + 1) % self.n_triggers,
+            accepted=state.accepted + (j > 0),
+        )
+        new, evaluated = self._maybe_eval(new, task, scorer)
+        metrics = {
+            "dev_score": new.best_dev, "loss": new.loss, "grad_loss": grad_loss,
+            "accepted": float(j > 0), "slot": float(slot), "n_candidates": float(len(cands)),
+        }
+        return new, Report(metrics, evaluated)
+
+    def _batches(self, task: Task, rng: np.random.Generator) -> list[tuple[Example, ...]]:
+        """``n_grad_batches`` disjoint minibatches of train examples (fewer if train is small)."""
+        drawn = subsample(task.train, self.batch_size * self.n_grad_batches, rng)
+        order = rng.permutation(len(drawn))
+        per = -(-len(drawn) // self.n_grad_batches)
+        return [tuple(drawn[i] for i in order[s : s + per]) for s in range(0, len(drawn), per)]
+
+    def _grad(self, task: Task, ids: tuple[int, ...], batches, scorer: LM) -> tuple[np.ndarray, float]:
+        """Mean over minibatches of the label NLL's gradient wrt the trigger embeddings ``[n, d]``."""
+        grads, losses = [], []
+        for batch in batches:
+            loss, grad = scorer.prompt_grad(label_requests(task, batch), TokenPrompt(ids))
+            grads.append(np.asarray(grad, dtype=np.float64))
+            losses.append(loss)
+        return np.mean(grads, axis=0), float(np.mean(losses))
+
+    def _allowed(self, task: Task, scorer: LM, extra_banned: Sequence[int]) -> Callable[[int], bool]:
+        banned = set(extra_banned)
+        if self.filter_labels:
+            banned |= label_token_ids(task, scorer)
+
+        def allowed(v: int) -> bool:
+            if v in banned:
+                return False
+            text = scorer.decode([v]) if (self.filter_special or self.filter_words) else ""
+            if self.filter_special and is_special(text):
+                return False
+            return not self.filter_words or is_word_start(v, text, scorer)
+
+        return allowed
+
+    def _maybe_eval(self, state: AutoPromptState, task: Task, scorer: LM):
+        if state.step != 1 and state.step % max(1, self.eval_every):
+            return state, ()
+        # A fixed dev subset keeps scores comparable across steps.
+        dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
+        (score,) = score_prompts(task, [TokenPrompt(state.ids, state.text)], dev, scorer)
+        record = Evaluated(f"{state.text} {list(state.ids)}", score, len(dev), "trigger")
+        if score > state.best_dev:
+            state = replace(state, best_ids=state.ids, best_text=state.text, best_dev=score)
+        return state, (record,)
+
+    def best(self, state: AutoPromptState) -> TokenPrompt:
+        if state.best_ids:
+            return TokenPrompt(state.best_ids, state.best_text)
+        return TokenPrompt(state.ids, state.text)
+
+    def done(self, state: AutoPromptState) -> bool:
+        return False
+
+
+def hotflip_scores(grad_row: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """First-order estimate of the loss *decrease* from putting each token in one position.
+
+    Replacing the embedding ``e`` at a position by ``E[v]`` changes the loss by about
+    ``(E[v] - e) . grad``; ``e . grad`` is the same for every ``v``, so ranking by
+    ``-E[v] . grad`` ranks by estimated decrease.
+
+    Args:
+        grad_row: ``[d]`` gradient of the loss wrt the position's embedding.
+        embeddings: ``[vocab, d]`` input embedding matrix.
+
+    Returns:
+        ``[vocab]`` scores, higher is better.
+    """
+    return -(np.asarray(embeddings, dtype=np.float32) @ np.asarray(grad_row, dtype=np.float32))
+
+
+def top_allowed(ranked: np.ndarray, k: int, allowed: Callable[[int], bool], max_checks: int) -> list[int]:
+    """The first ``k`` ids of ``ranked`` that pass ``allowed``, inspecting at most ``max_checks``.
+
+    Filters are checked lazily on the best-ranked tokens only: decoding a whole vocabulary
+    per step would cost tens of thousands of tokenizer calls (remote ones behind Ray).
+    """
+    out: list[int] = []
+    for v in ranked[: max(max_checks, k)]:
+        if allowed(int(v)):
+            out.append(int(v))
+            if len(out) == k:
+                break
+    return out
+
+
+def swap(ids: tuple[int, ...], slot: int, token: int) -> tuple[int, ...]:
+    """``ids`` with position ``slot`` replaced by ``token``."""
+    return ids[:slot] + (token,) + ids[slot + 1 :]
+
+
+def label_requests(task: Task, examples: Sequence[Example]) -> list[tuple[str, str]]:
+    """(context with the prompt slot, correct label continuation) per example."""
+    return [(task.render(PROMPT_SLOT, ex), task.choices(ex)[ex.label]) for ex in examples]
+
+
+def objective_table(
+    task: Task, prompts: Sequence[TokenPrompt], examples: Sequence[Example], scorer: LM, objective: str
+) -> np.ndarray:
+    """Each prompt's loss on ``examples``, every prompt in one batched ``loglikelihood`` call.
+
+    Returns:
+        ``[n_prompts, 2]``: column 0 the objective to minimize (NLL, or minus accuracy),
+        column 1 the mean NLL of the correct label (the tie-break).
+    """
+    if objective == "nll":
+        reqs = label_requests(task, examples)
+        ll = scorer.loglikelihood(reqs * len(prompts), [p for p in prompts for _ in reqs])
+        nll = -np.asarray(ll, dtype=np.float64).reshape(len(prompts), len(reqs)).mean(axis=1)
+        return np.stack([nll, nll], axis=1)
+    reqs = requests_for(task, prompts[0], examples)
+    ll = np.asarray(scorer.loglikelihood(reqs * len(prompts), [p for p in prompts for _ in reqs]))
+    ll = ll.reshape(len(prompts), len(reqs))
+    correct = _correct_positions(task, examples)
+    rows = [(-task.score(predictions(task, examples, row), examples), -row[correct].mean()) for row in ll]
+    return np.array(rows, dtype=np.float64)
+
+
+def _correct_positions(task: Task, examples: Sequence[Example]) -> np.ndarray:
+    """Index of each example's correct continuation in the flat order of ``requests_for``."""
+    pos, i = [], 0
+    for ex in examples:
+        pos.append(i + ex.label)
+        i += len(task.choices(ex))
+    return np.array(pos, dtype=np.int64)
+
+
+def label_token_ids(task: Task, scorer: LM) -> set[int]:
+    """Token ids of the verbalizer's label words, with and without their leading space."""
+    ids: set[int] = set()
+    for word in task.verbalizer:
+        for form in {word, word.strip(), " " + word.strip()}:
+            ids.update(scorer.tokenize(form) if form.strip() else [])
+    return ids
+
+
+def is_special(text: str) -> bool:
+    """Whether a decoded token looks like a control token (or decodes to nothing)."""
+    return not text.strip() or bool(_SPECIAL.match(text.strip()))
+
+
+def is_word_start(token: int, text: str, scorer: LM) -> bool:
+    """Lowercase alphabetic token that is how its word is spelled after a space."""
+    word = text.strip()
+    return word.isalpha() and word.islower() and scorer.tokenize(" " + word) == [token]
