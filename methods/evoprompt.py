@@ -1,0 +1,241 @@
+"""EvoPrompt (Guo et al. 2023): evolutionary operators written as instructions to the proposer.
+
+``variant="ga"``: each child comes from two parents picked by roulette wheel on dev score; one
+meta-prompt asks the LM to cross them over and mutate the result; the next population is the
+top ``pop_size`` of parents and children. ``variant="de"``: for every member, the LM is asked to
+find the parts where two other members differ, mutate those parts, splice them into the
+current best and cross the result over with the member; the child replaces the member only if
+it scores strictly better. The first step builds the population: the seed instruction plus
+paraphrases of it. All children of a step go to the proposer in one generate call and to the
+scorer in one scorer call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from methods.ape import RESAMPLE_TEMPLATE
+from methods.base import Evaluated, Report
+from methods.evaluate import score_prompts
+from methods.lm import LM, TextPrompt
+from methods.racing import fixed_dev
+from methods.text import clean_candidates, clean_one
+from tasks.core import Task
+
+# The paper's GA template with its one-shot demonstration (a neutral text-simplification
+# example, so no task's words leak into another task's prompts).
+_GA_BODY = (
+    "Please follow the instruction step-by-step to generate a better prompt.\n"
+    "1. Cross over the following prompts and generate a new prompt:\n"
+    "Prompt 1: {p1}\nPrompt 2: {p2}\n"
+    "2. Mutate the prompt generated in Step 1 and generate a final prompt bracketed with "
+    "<prompt> and </prompt>.\n\n"
+)
+GA_TEMPLATE = (
+    _GA_BODY.format(
+        p1="Rewrite the input text into simpler text.",
+        p2="Rewrite my complex sentence in simpler terms, but keep the meaning.",
+    )
+    + "1. Crossover Prompt: Rewrite the complex text into simpler text while keeping its meaning.\n"
+    "2. <prompt>Transform the provided text into simpler language, maintaining its essence.</prompt>\n\n"
+    + _GA_BODY
+    + "1. Crossover Prompt:"
+)
+_DE_BODY = (
+    "Please follow the instruction step-by-step to generate a better prompt.\n"
+    "1. Identify the different parts between the Prompt 1 and Prompt 2:\n"
+    "Prompt 1: {p1}\nPrompt 2: {p2}\n"
+    "2. Randomly mutate the different parts\n"
+    "3. Combine the different parts with Prompt 3, selectively replace it with the different "
+    "parts in Step 2 and generate a new prompt.\nPrompt 3: {p3}\n"
+    "4. Cross over the prompt in the Step 3 with the following basic prompt and generate a final "
+    "prompt bracketed with <prompt> and </prompt>:\nBasic Prompt: {basic}\n\n"
+)
+DE_TEMPLATE = (
+    _DE_BODY.format(
+        p1="Rewrite the input text into simpler text.",
+        p2="Rewrite my complex sentence in simpler terms, but keep the meaning.",
+        p3="Simplify the given text so that a child can understand it.",
+        basic="Make the sentence easier to read.",
+    )
+    + "1. Different parts: \"input text\" vs \"my complex sentence\"; \"simpler text\" vs "
+    "\"simpler terms, but keep the meaning\"\n"
+    "2. Mutated parts: \"given passage\"; \"plain words without changing its meaning\"\n"
+    "3. New Prompt: Simplify the given passage into plain words without changing its meaning, so "
+    "that a child can understand it.\n"
+    "4. Final Prompt: <prompt>Make the given passage easier to read, using plain words without "
+    "changing its meaning.</prompt>\n\n"
+    + _DE_BODY
+    + "1. Different parts:"
+)
+_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:final|new|basic|crossover)?\s*prompt\s*\d*\s*:\s*", re.IGNORECASE)
+
+
+def tagged(raw: str, open_tag: str = "<prompt>", close_tag: str = "</prompt>") -> str:
+    """The text a proposer bracketed with ``open_tag``/``close_tag``, robust to a missing tag.
+
+    The last opening tag wins (a model may echo the template's own tags first); a missing
+    closing tag (generation stopped on it, or was cut) ends the text at the end of the line.
+    Without an opening tag, the last line before a closing tag, or else the first non-empty
+    line, with a leading "Prompt:" label removed.
+    """
+    if open_tag in raw:
+        inner = raw.rsplit(open_tag, 1)[1].split(close_tag, 1)[0].strip()
+        return inner.splitlines()[0] if inner else ""
+    lines = [ln for ln in raw.split(close_tag, 1)[0].splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return _LABEL.sub("", lines[-1] if close_tag in raw else lines[0]).strip()
+
+
+@dataclass(frozen=True)
+class EvoState:
+    """The population as (text, dev score) in member order, and counters."""
+
+    population: tuple[tuple[str, float], ...] = ()
+    step: int = 0
+    proposed: int = 0
+    usable: int = 0
+    replaced: int = 0
+
+
+@dataclass(frozen=True)
+class EvoPrompt:
+    """EvoPrompt with a genetic-algorithm or differential-evolution operator.
+
+    Args:
+        variant: "ga" or "de".
+        pop_size: population size N (children per step are N as well).
+        n_eval: dev examples each prompt is scored on (0 = whole dev split).
+        temperature: proposer temperature.
+        max_new_tokens: room for the operator's intermediate steps plus the final prompt.
+    """
+
+    variant: str = "ga"
+    pop_size: int = 4
+    n_eval: int = 32
+    temperature: float = 0.7
+    max_new_tokens: int = 96
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("ga", "de"):
+            raise ValueError(f"EvoPrompt variant must be 'ga' or 'de', got {self.variant!r}")
+        if self.pop_size < 1:
+            raise ValueError("EvoPrompt pop_size must be at least 1")
+
+    def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> EvoState:
+        return EvoState()
+
+    def step(self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        if not state.population:
+            return self._initialize(state, task, scorer, proposer, rng)
+        contexts = self._ga_contexts(state, rng) if self.variant == "ga" else self._de_contexts(state, rng)
+        outs = proposer.generate(
+            contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            seed=int(rng.integers(2**31)), stop=("</prompt>",),
+        )
+        children = [clean_one(tagged(o[0])) for o in outs]
+        merge = self._ga_merge if self.variant == "ga" else self._de_merge
+        population, evaluated, replaced = merge(state, children, task, scorer)
+        new = replace(
+            state, population=population, step=state.step + 1, proposed=state.proposed + len(outs),
+            usable=state.usable + len(evaluated), replaced=state.replaced + replaced,
+        )
+        return new, Report(self._metrics(new), evaluated)
+
+    def _initialize(self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        raws = self._paraphrase_seed(task, proposer, rng) if self.pop_size > 1 else []
+        paraphrases = clean_candidates(raws, seen=[task.instruction])[: self.pop_size - 1]
+        texts = [task.instruction] + paraphrases
+        population, evaluated = self._score(texts, task, scorer, "init")
+        new = replace(state, population=population, step=1, proposed=len(raws), usable=len(paraphrases))
+        return new, Report(self._metrics(new), evaluated)
+
+    def _paraphrase_seed(self, task: Task, proposer: LM, rng: np.random.Generator) -> list[str]:
+        # Twice as many paraphrases as needed: a small proposer's output is often unusable.
+        outs = proposer.generate(
+            [RESAMPLE_TEMPLATE.format(instruction=task.instruction)], max_new_tokens=40,
+            temperature=max(self.temperature, 0.9), n=2 * (self.pop_size - 1),
+            seed=int(rng.integers(2**31)), stop=("\n\n",),
+        )
+        return outs[0]
+
+    def _score(self, texts, task: Task, scorer: LM, kind: str):
+        dev = fixed_dev(task, self.n_eval)
+        scores = score_prompts(task, [TextPrompt(t) for t in texts], dev, scorer)
+        scored = tuple(zip(texts, scores))
+        return scored, tuple(Evaluated(t, s, len(dev), kind) for t, s in scored)
+
+    def _ga_contexts(self, state: EvoState, rng: np.random.Generator) -> list[str]:
+        """Roulette-wheel parent pairs, one meta-prompt per child."""
+        texts = [t for t, _ in state.population]
+        return [GA_TEMPLATE.format(p1=texts[a], p2=texts[b]) for a, b in roulette_pairs(state, len(texts), rng)]
+
+    def _ga_merge(self, state: EvoState, children: list[str], task: Task, scorer: LM):
+        fresh = clean_candidates(children, seen=[t for t, _ in state.population])
+        scored, evaluated = self._score(fresh, task, scorer, "offspring")
+        # Parents first, stable sort: on a tie the incumbent survives.
+        pool = sorted(state.population + scored, key=lambda p: -p[1])
+        return tuple(pool[: self.pop_size]), evaluated, len([p for p in pool[: self.pop_size] if p in scored])
+
+    def _de_contexts(self, state: EvoState, rng: np.random.Generator) -> list[str]:
+        """One meta-prompt per member: two other members' differences, the best, the member."""
+        texts = [t for t, _ in state.population]
+        best = max(range(len(texts)), key=lambda i: state.population[i][1])
+        contexts = []
+        for i, (a, b) in enumerate(donor_pairs(len(texts), rng)):
+            contexts.append(DE_TEMPLATE.format(p1=texts[a], p2=texts[b], p3=texts[best], basic=texts[i]))
+        return contexts
+
+    def _de_merge(self, state: EvoState, children: list[str], task: Task, scorer: LM):
+        known = {t.lower() for t, _ in state.population}
+        slots = [i for i, c in enumerate(children) if c and c.lower() not in known]
+        scored, evaluated = self._score([children[i] for i in slots], task, scorer, "offspring")
+        population = list(state.population)
+        for i, (text, score) in zip(slots, scored):
+            if score > population[i][1]:  # strict: a tie keeps the member
+                population[i] = (text, score)
+        return tuple(population), evaluated, sum(p != q for p, q in zip(population, state.population))
+
+    def _metrics(self, state: EvoState) -> dict[str, float]:
+        scores = [s for _, s in state.population]
+        return {
+            "dev_score": max(scores),
+            "population_mean": float(np.mean(scores)),
+            "population_size": float(len(scores)),
+            "proposed": float(state.proposed),
+            "usable": float(state.usable),
+            "replaced": float(state.replaced),
+        }
+
+    def best(self, state: EvoState) -> TextPrompt:
+        if not state.population:
+            raise ValueError("EvoPrompt has no population yet; run at least one step")
+        return TextPrompt(max(state.population, key=lambda p: p[1])[0])
+
+    def done(self, state: EvoState) -> bool:
+        return False
+
+
+def roulette_pairs(state: EvoState, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """``n`` parent pairs, each two distinct members drawn with probability proportional to score."""
+    size = len(state.population)
+    if size == 1:
+        return [(0, 0)] * n
+    # A small floor keeps every member drawable (the wheel needs two non-zero slots).
+    weights = np.array([s for _, s in state.population], dtype=np.float64) + 1e-6
+    p = weights / weights.sum()
+    return [tuple(int(i) for i in rng.choice(size, size=2, replace=False, p=p)) for _ in range(n)]
+
+
+def donor_pairs(size: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Two distinct random members other than ``i`` for every member ``i`` (the DE donors)."""
+    pairs = []
+    for i in range(size):
+        others = [j for j in range(size) if j != i] or [i]
+        a, b = rng.choice(others, size=2, replace=len(others) < 2)
+        pairs.append((int(a), int(b)))
+    return pairs

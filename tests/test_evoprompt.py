@@ -1,0 +1,121 @@
+"""EvoPrompt (GA and DE) against the planted fake LM, with the final prompt in <prompt> tags."""
+
+import pickle
+from pathlib import Path
+
+import hydra.utils
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from methods.evoprompt import EvoPrompt, EvoState, roulette_pairs, tagged
+from tests.fakes import PlantedLM, planted_task, quality
+
+ROOT = Path(__file__).resolve().parents[1]
+DECOY = "Seven purple banana maybe"
+
+
+class TaggedLM(PlantedLM):
+    """Writes an intermediate (bad) prompt first and the proposal inside <prompt> tags.
+
+    Every other reply lacks the closing tag, as a backend that stops on "</prompt>" returns it.
+    """
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        outs = super().generate(contexts, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
+        if "</prompt>" not in stop:  # the seed paraphrases: plain text
+            return outs
+        close = ["</prompt>", ""]
+        return [[f"{DECOY}.\n2. <prompt>{o}{close[k % 2]}" for k, o in enumerate(row)] for row in outs]
+
+
+def run(method, task, lm, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    state = method.init(task, lm, lm, rng)
+    reports = []
+    for _ in range(steps):
+        state, report = method.step(state, task, lm, lm, rng)
+        reports.append(report)
+    return state, reports
+
+
+@pytest.mark.parametrize("variant", ["ga", "de"])
+def test_evoprompt_climbs_and_never_loses_its_best(variant):
+    task, lm = planted_task(n_dev=60), TaggedLM()
+    method = EvoPrompt(variant=variant, pop_size=6, n_eval=0)
+    state, reports = run(method, task, lm, steps=6)
+    assert quality(method.best(state).text) > quality(task.instruction) + 0.15
+    curve = [r.metrics["dev_score"] for r in reports]
+    assert curve == sorted(curve) and curve[-1] > curve[0]
+    assert len(state.population) == 6 and lm.calls == 2 * 6  # one generate + one score per step
+    offspring = [e.prompt for r in reports[1:] for e in r.evaluated]
+    assert offspring and not any(DECOY.lower() in p.lower() for p in offspring)
+
+
+def test_ga_keeps_the_top_n_of_parents_and_children():
+    task, lm = planted_task(), TaggedLM()
+    method = EvoPrompt(variant="ga", pop_size=4)
+    state, _ = run(method, task, lm, steps=1)
+    new, report = method.step(state, task, lm, lm, np.random.default_rng(1))
+    union = list(state.population) + [(e.prompt, e.score) for e in report.evaluated]
+    assert sorted(s for _, s in new.population) == sorted(s for _, s in union)[-4:]
+    assert set(new.population) <= set(union)
+
+
+def test_de_replaces_a_member_only_with_a_strictly_better_child():
+    task, lm = planted_task(), TaggedLM()
+    method = EvoPrompt(variant="de", pop_size=5)
+    state, _ = run(method, task, lm, steps=2, seed=4)
+    children = {}
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        new, report = method.step(state, task, lm, lm, rng)
+        children = {e.prompt: e.score for e in report.evaluated}
+        for (old_text, old_score), (text, score) in zip(state.population, new.population):
+            if text != old_text:
+                assert children[text] == score > old_score
+            else:
+                assert score == old_score
+        assert new.replaced - state.replaced == sum(a != b for a, b in zip(state.population, new.population))
+        state = new
+    assert state.replaced > 0
+
+
+def test_roulette_prefers_high_scores_and_never_pairs_a_member_with_itself():
+    state = EvoState(population=(("a b", 0.5), ("c d", 0.3), ("e f", 0.2)))
+    pairs = roulette_pairs(state, 2000, np.random.default_rng(0))
+    counts = np.bincount(np.array(pairs).ravel(), minlength=3)
+    assert all(a != b for a, b in pairs)
+    assert counts[0] > counts[1] > counts[2]
+
+
+def test_tagged_reads_the_final_prompt_robustly():
+    assert tagged("x\n2. <prompt>Final one.</prompt> tail") == "Final one."
+    assert tagged("bracketed with <prompt> and </prompt>.\n<prompt>Last wins") == "Last wins"
+    assert tagged("1. Crossover Prompt: Mixed\n2. Final Prompt: Do it well</prompt>") == "Do it well"
+    assert tagged("\n Prompt 1: Plain first line\nmore") == "Plain first line"
+    assert tagged("<prompt></prompt>") == "" and tagged("") == ""
+
+
+@pytest.mark.parametrize("variant", ["ga", "de"])
+def test_evoprompt_state_pickles_and_resumes_identically(variant):
+    task, method = planted_task(), EvoPrompt(variant=variant, pop_size=4)
+    full, _ = run(method, task, TaggedLM(), steps=4, seed=2)
+    lm, rng = TaggedLM(), np.random.default_rng(2)
+    state = method.init(task, lm, lm, rng)
+    for _ in range(2):
+        state, _ = method.step(state, task, lm, lm, rng)
+    state, rng = pickle.loads(pickle.dumps((state, rng)))
+    for _ in range(2):
+        state, _ = method.step(state, task, lm, lm, rng)
+    assert state == full
+
+
+def test_evoprompt_rejects_unknown_variant():
+    with pytest.raises(ValueError, match="variant"):
+        EvoPrompt(variant="pso")
+
+
+def test_evoprompt_yaml_instantiates():
+    method = hydra.utils.instantiate(OmegaConf.load(ROOT / "conf/method/evoprompt.yaml"), _convert_="all")
+    assert isinstance(method, EvoPrompt) and method.variant in ("ga", "de")
