@@ -158,6 +158,9 @@ def test_bbh_lettered_options_follow_each_example(data_dir):
     # one target written as option text instead of a letter: dropped
     movies = loaders.bbh(data_dir, "movie_recommendation")
     assert len(movies.train + movies.dev + movies.test) == 249
+    # one input cut off after its first option: dropped (a single choice would always be right)
+    snarks = loaders.bbh(data_dir, "snarks")
+    assert len(snarks.train + snarks.dev + snarks.test) == 177
 
 
 def test_bbh_refuses_free_form_and_unknown_tasks(data_dir):
@@ -193,7 +196,11 @@ def test_mmlu_letter_prompt_exact(data_dir):
 
 def write_toy_mmlu(root: Path) -> None:
     rows = {
-        "dev": [["Q1?", "a", "b", "None", "d", "C"], ["Q2?", "w", "x", "y", "z", "A"], ["Q3?", "1", "2", "3", "4", "D"]],
+        "dev": [
+            ["Q1?", "a", "b", "None", "d", "C"],  # the literal option text "None" stays text
+            ["Q2?", "w", "x", "y", "z", "A"],
+            ["Q3?", "1", "2", "3", "4", "D"],
+        ],
         "val": [["V1, with comma?", "p", "q", "r", "s", "B"]],
         "test": [["T1?", "e", "f", "g", "h", "D"], ["T2?", "i", "j", "k", "l", "A"]],
     }
@@ -236,7 +243,7 @@ def test_group_scores(data_dir):
     task = loaders.mmlu(data_dir, ["marketing", "world_religions"], k_shot=0, n_test=60, seed=1)
     gold = [e.label for e in task.test]
     assert loaders.group_scores(task, task.test, gold) == {"marketing": 1.0, "world_religions": 1.0}
-    wrong_on_marketing = [(y + 1) % 4 if e.group == "marketing" else y for e, y in zip(task.test, gold)]
+    wrong_on_marketing = [(y + 1) % 4 if e.group == "marketing" else y for e, y in zip(task.test, gold, strict=True)]
     assert loaders.group_scores(task, task.test, wrong_on_marketing) == {"marketing": 0.0, "world_religions": 1.0}
     with pytest.raises(TaskError, match="predictions for"):
         loaders.group_scores(task, task.test, gold[:-1])
