@@ -1,0 +1,259 @@
+"""Soft prompt tuning (Lester et al. 2021) and P-tuning (Liu et al. 2021) over a shared frozen LM.
+
+The LM stays stateless and shared between trials: the method holds the trainable arrays in
+its own state, sends the current soft prompt with each ``prompt_grad`` request, and updates
+the arrays with the returned gradient by a small numpy Adam. The soft prompt sits at the
+task's ``{instruction}`` slot.
+
+``encoder="none"`` trains the ``[n_virtual, d_model]`` prompt directly (prompt tuning).
+``encoder="mlp"`` is P-tuning's reparameterization: the prompt is an MLP of trainable
+virtual-token embeddings (PEFT's ``PromptEncoder`` MLP: Linear-ReLU-Linear-ReLU-Linear),
+and the gradient is chained through the MLP here. Only the encoder's *output* ever reaches
+the LM, so it runs through the same protocol; like PEFT, the encoder is discarded after
+training and the prompt it produces is what is exported.
+
+Prefix tuning (Li & Liang 2021) is not offered: it trains key/value prefixes at every
+layer, which the protocol (input-space embeddings and their gradient) cannot carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from methods.autoprompt import label_requests
+from methods.base import Evaluated, Report
+from methods.evaluate import score_prompts, subsample
+from methods.lm import LM, SoftPrompt
+from tasks.core import Task
+
+Arrays = tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class SoftPromptState:
+    """Trainable arrays, Adam moments and the best prompt so far: the whole checkpoint.
+
+    Attributes:
+        params: ``(prompt [n, d],)``, or for the MLP encoder
+            ``(emb [n, d], w1 [d, h], b1 [h], w2 [h, h], b2 [h], w3 [h, d], b3 [d])``.
+        m, v: Adam's first and second moments, shaped like ``params``.
+        t: optimizer steps taken.
+        loss: the label NLL of the last minibatch (before its update).
+        best: the soft prompt ``[n, d]`` with the highest dev score so far (None before any).
+        best_nearest: nearest vocabulary token per virtual token of ``best``.
+        best_dev: its dev score.
+    """
+
+    params: Arrays
+    m: Arrays
+    v: Arrays
+    t: int = 0
+    loss: float = float("nan")
+    best: np.ndarray | None = field(default=None, repr=False)
+    best_nearest: tuple[str, ...] = ()
+    best_dev: float = float("-inf")
+
+
+@dataclass(frozen=True)
+class SoftPromptTuning:
+    """Gradient descent on continuous prompt vectors through the shared frozen LM.
+
+    Args:
+        n_virtual: virtual tokens in the slot.
+        init_from: "text" (the tokens of ``init_text``, repeated or cut to ``n_virtual``: PEFT's
+            TEXT init), "sample_vocab" (embeddings of random vocabulary tokens: PEFT's
+            SAMPLE_VOCAB) or "random" (Gaussian with the vocabulary's per-dimension mean and std).
+        init_text: text for ``init_from="text"``; empty means the task's baseline instruction.
+        encoder: "none" (prompt tuning) or "mlp" (P-tuning's MLP reparameterization).
+        encoder_hidden: hidden width of the MLP encoder.
+        residual: MLP output is added to its input and the last layer starts at zero, so
+            training starts from the initial prompt (as in residual prompt tuning); false
+            gives PEFT's plain MLP, whose first prompt is unrelated to the init.
+        lr: Adam learning rate.
+        beta1, beta2, eps: Adam constants (torch.optim.Adam's defaults).
+        max_grad_norm: clip the global gradient norm to this (0 = no clipping).
+        batch_size: train examples per step.
+        eval_every: steps between dev evaluations (and nearest-token read-outs).
+        n_eval: dev examples (a fixed subset) per evaluation; 0 means the whole dev split.
+    """
+
+    n_virtual: int = 16
+    init_from: str = "text"
+    init_text: str = ""
+    encoder: str = "none"
+    encoder_hidden: int = 128
+    residual: bool = True
+    lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    eval_every: int = 5
+    n_eval: int = 64
+
+    def __post_init__(self) -> None:
+        if self.init_from not in ("text", "sample_vocab", "random"):
+            raise ValueError(f"init_from must be text, sample_vocab or random, got {self.init_from!r}")
+        if self.encoder not in ("none", "mlp"):
+            raise ValueError(f"encoder must be 'none' or 'mlp', got {self.encoder!r}")
+        if min(self.n_virtual, self.batch_size, self.encoder_hidden) < 1:
+            raise ValueError("n_virtual, batch_size and encoder_hidden must be >= 1")
+
+    def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> SoftPromptState:
+        vocab = np.asarray(scorer.token_embeddings(), dtype=np.float32)
+        prompt = self._initial_prompt(task, scorer, vocab, rng)
+        params = (prompt,) if self.encoder == "none" else init_mlp(prompt, self.encoder_hidden, self.residual, rng)
+        zeros = tuple(np.zeros_like(p) for p in params)
+        return SoftPromptState(params=params, m=zeros, v=zeros)
+
+    def _initial_prompt(self, task: Task, scorer: LM, vocab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The starting ``[n_virtual, d]`` prompt, float32."""
+        if self.init_from == "text":
+            return text_init(scorer.tokenize(self.init_text or task.instruction), vocab, self.n_virtual)
+        if self.init_from == "sample_vocab":
+            return vocab[rng.integers(0, vocab.shape[0], size=self.n_virtual)].copy()
+        mean, std = vocab.mean(axis=0), vocab.std(axis=0)
+        return (mean + std * rng.standard_normal((self.n_virtual, vocab.shape[1]))).astype(np.float32)
+
+    def step(self, state: SoftPromptState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        batch = subsample(task.train, self.batch_size, rng)
+        prompt, cache = self._forward(state.params)
+        loss, grad = scorer.prompt_grad(label_requests(task, batch), SoftPrompt(prompt))
+        grads = self._backward(state.params, cache, np.asarray(grad, dtype=np.float32))
+        grads, grad_norm = clip(grads, self.max_grad_norm)
+        params, m, v = adam(state.params, grads, state.m, state.v, state.t + 1, self)
+        new = replace(state, params=params, m=m, v=v, t=state.t + 1, loss=float(loss))
+        new, evaluated = self._maybe_eval(new, task, scorer)
+        current = self._forward(params)[0]
+        metrics = {
+            "dev_score": new.best_dev, "loss": new.loss, "grad_norm": grad_norm,
+            "prompt_norm": float(np.linalg.norm(current, axis=1).mean()),
+        }
+        return new, Report(metrics, evaluated)
+
+    def _forward(self, params: Arrays):
+        """The soft prompt ``[n, d]`` from the trainable arrays, and what backward needs."""
+        if self.encoder == "none":
+            return params[0], None
+        return mlp_forward(params, self.residual)
+
+    def _backward(self, params: Arrays, cache, grad: np.ndarray) -> Arrays:
+        if self.encoder == "none":
+            return (grad,)
+        return mlp_backward(params, cache, grad, self.residual)
+
+    def _maybe_eval(self, state: SoftPromptState, task: Task, scorer: LM):
+        if state.t != 1 and state.t % max(1, self.eval_every):
+            return state, ()
+        # A fixed dev subset keeps scores comparable across steps.
+        dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
+        prompt = self._forward(state.params)[0]
+        vocab = np.asarray(scorer.token_embeddings(), dtype=np.float32)
+        soft = SoftPrompt(prompt, tuple(scorer.decode([i]) for i in nearest_tokens(prompt, vocab)))
+        (score,) = score_prompts(task, [soft], dev, scorer)
+        record = Evaluated(soft.describe(), score, len(dev), "soft")
+        if score > state.best_dev:
+            state = replace(state, best=prompt.copy(), best_nearest=soft.nearest, best_dev=score)
+        return state, (record,)
+
+    def best(self, state: SoftPromptState) -> SoftPrompt:
+        if state.best is not None:
+            return SoftPrompt(state.best, state.best_nearest)
+        return SoftPrompt(self._forward(state.params)[0])
+
+    def done(self, state: SoftPromptState) -> bool:
+        return False
+
+
+def text_init(ids: Sequence[int], vocab: np.ndarray, n_virtual: int) -> np.ndarray:
+    """PEFT's TEXT init: the embeddings of ``ids`` repeated, then cut, to ``n_virtual`` rows.
+
+    Args:
+        ids: token ids of the init text (no special tokens).
+        vocab: ``[vocab, d]`` input embeddings.
+
+    Returns:
+        ``[n_virtual, d]`` float32.
+    """
+    if not ids:
+        raise ValueError("init text tokenizes to nothing")
+    reps = -(-n_virtual // len(ids))
+    return vocab[(list(ids) * reps)[:n_virtual]].astype(np.float32)
+
+
+def nearest_tokens(prompt: np.ndarray, vocab: np.ndarray) -> list[int]:
+    """Nearest vocabulary id by cosine for each row of ``prompt`` ``[n, d]`` (``vocab`` ``[V, d]``)."""
+    unit = vocab / np.maximum(np.linalg.norm(vocab, axis=1, keepdims=True), 1e-12)
+    rows = prompt / np.maximum(np.linalg.norm(prompt, axis=1, keepdims=True), 1e-12)
+    return [int(i) for i in np.argmax(rows @ unit.T, axis=1)]
+
+
+def clip(grads: Arrays, max_norm: float) -> tuple[Arrays, float]:
+    """Gradients scaled so their global L2 norm is at most ``max_norm`` (0 = unclipped), and that norm."""
+    norm = float(np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads)))
+    if max_norm <= 0 or norm <= max_norm:
+        return grads, norm
+    scale = np.float32(max_norm / (norm + 1e-6))
+    return tuple(g * scale for g in grads), norm
+
+
+def adam(params: Arrays, grads: Arrays, m: Arrays, v: Arrays, t: int, hp: SoftPromptTuning):
+    """One Adam step (torch.optim.Adam's update, no weight decay) on every array, in float32.
+
+    Returns:
+        ``(params, m, v)``: new arrays; the inputs are not modified.
+    """
+    b1, b2 = np.float32(hp.beta1), np.float32(hp.beta2)
+    bc1, bc2 = 1 - hp.beta1**t, 1 - hp.beta2**t
+    out_p, out_m, out_v = [], [], []
+    for p, g, m0, v0 in zip(params, grads, m, v):
+        m1 = b1 * m0 + (1 - b1) * g
+        v1 = b2 * v0 + (1 - b2) * g * g
+        denom = np.sqrt(v1) / np.float32(np.sqrt(bc2)) + np.float32(hp.eps)
+        out_p.append((p - np.float32(hp.lr / bc1) * m1 / denom).astype(np.float32))
+        out_m.append(m1.astype(np.float32))
+        out_v.append(v1.astype(np.float32))
+    return tuple(out_p), tuple(out_m), tuple(out_v)
+
+
+def init_mlp(emb: np.ndarray, hidden: int, residual: bool, rng: np.random.Generator) -> Arrays:
+    """P-tuning's encoder parameters, with torch.nn.Linear's default uniform init.
+
+    With ``residual`` the last layer starts at zero, so the first prompt equals ``emb``.
+    """
+    d = emb.shape[1]
+
+    def linear(fan_in: int, fan_out: int, zero: bool = False):
+        bound = 0.0 if zero else 1.0 / np.sqrt(fan_in)
+        w = rng.uniform(-bound, bound, size=(fan_in, fan_out)).astype(np.float32)
+        return w, rng.uniform(-bound, bound, size=fan_out).astype(np.float32)
+
+    w1, b1 = linear(d, hidden)
+    w2, b2 = linear(hidden, hidden)
+    w3, b3 = linear(hidden, d, zero=residual)
+    return (emb.astype(np.float32), w1, b1, w2, b2, w3, b3)
+
+
+def mlp_forward(params: Arrays, residual: bool):
+    """Prompt ``[n, d]`` = MLP(emb) (+ emb), and the activations backward needs."""
+    emb, w1, b1, w2, b2, w3, b3 = params
+    z1 = emb @ w1 + b1
+    a1 = np.maximum(z1, 0)
+    z2 = a1 @ w2 + b2
+    a2 = np.maximum(z2, 0)
+    out = a2 @ w3 + b3
+    return (out + emb if residual else out), (z1, a1, z2, a2)
+
+
+def mlp_backward(params: Arrays, cache, grad: np.ndarray, residual: bool) -> Arrays:
+    """Gradients of every encoder array from the gradient ``[n, d]`` wrt the prompt."""
+    emb, w1, _, w2, _, w3, _ = params
+    z1, a1, z2, a2 = cache
+    dz2 = (grad @ w3.T) * (z2 > 0)
+    dz1 = (dz2 @ w2.T) * (z1 > 0)
+    demb = dz1 @ w1.T + (grad if residual else 0)
+    return (demb, emb.T @ dz1, dz1.sum(0), a1.T @ dz2, dz2.sum(0), a2.T @ grad, grad.sum(0))
