@@ -71,7 +71,9 @@ DE_TEMPLATE = (
     + _DE_BODY
     + "1. Different parts:"
 )
-_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:final|new|basic|crossover)?\s*prompt\s*\d*\s*:\s*", re.IGNORECASE)
+_LABEL = re.compile(
+    r"^\s*(?:\d+[.)]\s*)?(?:final|new|basic|crossover)?\s*prompt\s*\d*\s*:\s*", re.IGNORECASE
+)
 
 
 def tagged(raw: str, open_tag: str = "<prompt>", close_tag: str = "</prompt>") -> str:
@@ -132,7 +134,8 @@ class EvoPrompt:
     def step(self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         if not state.population:
             return self._initialize(state, task, scorer, proposer, rng)
-        contexts = self._ga_contexts(state, rng) if self.variant == "ga" else self._de_contexts(state, rng)
+        build = self._ga_contexts if self.variant == "ga" else self._de_contexts
+        contexts = build(state, rng)
         outs = proposer.generate(
             contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             seed=int(rng.integers(2**31)), stop=("</prompt>",),
@@ -146,7 +149,9 @@ class EvoPrompt:
         )
         return new, Report(self._metrics(new), evaluated)
 
-    def _initialize(self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+    def _initialize(
+        self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator
+    ):
         raws = self._paraphrase_seed(task, proposer, rng) if self.pop_size > 1 else []
         paraphrases = clean_candidates(raws, seen=[task.instruction])[: self.pop_size - 1]
         texts = [task.instruction] + paraphrases
@@ -172,14 +177,16 @@ class EvoPrompt:
     def _ga_contexts(self, state: EvoState, rng: np.random.Generator) -> list[str]:
         """Roulette-wheel parent pairs, one meta-prompt per child."""
         texts = [t for t, _ in state.population]
-        return [GA_TEMPLATE.format(p1=texts[a], p2=texts[b]) for a, b in roulette_pairs(state, len(texts), rng)]
+        pairs = roulette_pairs(state, len(texts), rng)
+        return [GA_TEMPLATE.format(p1=texts[a], p2=texts[b]) for a, b in pairs]
 
     def _ga_merge(self, state: EvoState, children: list[str], task: Task, scorer: LM):
         fresh = clean_candidates(children, seen=[t for t, _ in state.population])
         scored, evaluated = self._score(fresh, task, scorer, "offspring")
         # Parents first, stable sort: on a tie the incumbent survives.
         pool = sorted(state.population + scored, key=lambda p: -p[1])
-        return tuple(pool[: self.pop_size]), evaluated, len([p for p in pool[: self.pop_size] if p in scored])
+        survivors = tuple(pool[: self.pop_size])
+        return survivors, evaluated, sum(p in scored for p in survivors)
 
     def _de_contexts(self, state: EvoState, rng: np.random.Generator) -> list[str]:
         """One meta-prompt per member: two other members' differences, the best, the member."""

@@ -60,7 +60,9 @@ def exemplar(task: Task, ex: Example) -> str:
     return EXEMPLAR.format(input=text, output=task.choices(ex)[ex.label].strip())
 
 
-def meta_prompt(task: Task, history: Sequence[tuple[str, float]], exemplars: Sequence[Example], top_k: int) -> str:
+def meta_prompt(
+    task: Task, history: Sequence[tuple[str, float]], exemplars: Sequence[Example], top_k: int
+) -> str:
     """OPRO's meta-prompt: top ``top_k`` of ``history`` ascending by score, exemplars, the cue."""
     top = sorted(history, key=lambda p: p[1])[-top_k:] if top_k > 0 else []
     pairs = "".join(PAIR.format(text=t, score=round(100 * s)) for t, s in top)

@@ -90,7 +90,8 @@ class _Tally:
             return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), -np.inf)
 
     def result(self) -> Race:
-        return Race(tuple(float(m) for m in self.means()), tuple(int(c) for c in self.counts), self.pulls, self.rounds)
+        means, counts = tuple(float(m) for m in self.means()), tuple(int(c) for c in self.counts)
+        return Race(means, counts, self.pulls, self.rounds)
 
 
 def ucb_race(
@@ -103,7 +104,10 @@ def ucb_race(
     ``t`` is the pulls spent so far, until ``budget`` pulls are spent.
     """
     tally = _Tally(n_arms)
-    first = list(range(n_arms)) if budget >= n_arms else sorted(rng.choice(n_arms, budget, replace=False))
+    if budget >= n_arms:
+        first = list(range(n_arms))
+    else:  # too small a budget to try every arm: a random subset, the rest stay unpulled
+        first = sorted(rng.choice(n_arms, budget, replace=False).tolist())
     if first:
         tally.add(first, pull(first, 1), 1)
     while tally.pulls < budget:
@@ -136,7 +140,9 @@ def successive_rejects(n_arms: int, pull: Pull, budget: int, keep: int) -> Race:
     return tally.result()
 
 
-def minibatch_pull(task: Task, arms_text: Sequence[str], pull_size: int, rng: np.random.Generator, scorer: LM) -> Pull:
+def minibatch_pull(
+    task: Task, arms_text: Sequence[str], pull_size: int, rng: np.random.Generator, scorer: LM
+) -> Pull:
     """A :data:`Pull` that scores arms (instruction texts) on fresh random dev minibatches."""
     def pull(arms: Sequence[int], reps: int) -> list[float]:
         batch = subsample(task.dev, pull_size * reps, rng)

@@ -22,7 +22,9 @@ class TaggedLM(PlantedLM):
     """
 
     def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
-        outs = super().generate(contexts, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
+        outs = super().generate(
+            contexts, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed
+        )
         if "</prompt>" not in stop:  # the seed paraphrases: plain text
             return outs
         close = ["</prompt>", ""]
@@ -76,7 +78,8 @@ def test_de_replaces_a_member_only_with_a_strictly_better_child():
                 assert children[text] == score > old_score
             else:
                 assert score == old_score
-        assert new.replaced - state.replaced == sum(a != b for a, b in zip(state.population, new.population))
+        changed = sum(a != b for a, b in zip(state.population, new.population))
+        assert new.replaced - state.replaced == changed
         state = new
     assert state.replaced > 0
 
@@ -117,5 +120,6 @@ def test_evoprompt_rejects_unknown_variant():
 
 
 def test_evoprompt_yaml_instantiates():
-    method = hydra.utils.instantiate(OmegaConf.load(ROOT / "conf/method/evoprompt.yaml"), _convert_="all")
+    cfg = OmegaConf.load(ROOT / "conf/method/evoprompt.yaml")
+    method = hydra.utils.instantiate(cfg, _convert_="all")
     assert isinstance(method, EvoPrompt) and method.variant in ("ga", "de")
