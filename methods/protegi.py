@@ -1,0 +1,243 @@
+"""ProTeGi / APO (Pryzant et al. 2023): textual gradients, edits, and bandit beam selection.
+
+One step expands every beam member: its errors on a train minibatch go to the proposer,
+which writes "gradients" (reasons the prompt failed), then prompts edited to fix each
+reason, then Monte-Carlo paraphrases of each edit. The beam and all successors race under
+a fixed budget of pulls (one pull = one candidate scored on a small random dev minibatch;
+UCB or Successive Rejects), and the ``beam_size`` best survive. Survivors are also scored
+on a fixed dev subset, so ``dev_score`` is comparable across steps and methods.
+
+Per step: one scorer call for the errors, one per race round, one for new survivors; three
+generate calls (gradients, edits, paraphrases), each batched over the whole beam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from methods.ape import RESAMPLE_TEMPLATE
+from methods.base import Evaluated, Report
+from methods.evaluate import score_prompts, subsample
+from methods.evoprompt import tagged
+from methods.lm import LM, TextPrompt
+from methods.racing import Race, fixed_dev, minibatch_pull, predict_many, successive_rejects, ucb_race
+from methods.text import clean_candidates, clean_one
+from tasks.core import Example, Task
+
+# The paper's templates; each ends on an opened <START> so a small model writes one item
+# straight away (several items come from sampling n completions, not from one long reply).
+GRADIENT_TEMPLATE = (
+    "I'm trying to write a zero-shot classifier prompt.\n\nMy current prompt is:\n\"{prompt}\"\n\n"
+    "But this prompt gets the following examples wrong:\n{errors}\n\n"
+    "give {n} reasons why the prompt could have gotten these examples wrong.\n"
+    "Wrap each reason with <START> and <END>\n\n<START>"
+)
+EDIT_TEMPLATE = (
+    "I'm trying to write a zero-shot classifier.\n\nMy current prompt is:\n\"{prompt}\"\n\n"
+    "But it gets the following examples wrong:\n{errors}\n\n"
+    "Based on these examples the problem with this prompt is that {gradient}\n\n"
+    "Based on the above information, I wrote {n} different improved prompts.\n"
+    "Each prompt is wrapped with <START> and <END>.\n\nThe {n} new prompts are:\n<START>"
+)
+_NO_FEWSHOT = ("shots", "header")
+
+
+def example_text(task: Task, ex: Example) -> str:
+    """The example's input fields as one line of text (few-shot blocks left out)."""
+    return " ".join(ex.inputs[f] for f in task.fields if f not in _NO_FEWSHOT)
+
+
+def error_block(task: Task, errors: Sequence[tuple[Example, int]]) -> str:
+    """Errors in the paper's format: text, gold label and the prompt's prediction."""
+    blocks = []
+    for i, (ex, pred) in enumerate(errors, 1):
+        choices = task.choices(ex)
+        blocks.append(
+            f"## Example {i}\nText: \"{example_text(task, ex)}\"\n"
+            f"Label: {choices[ex.label].strip()}\nPrediction: {choices[pred].strip()}"
+        )
+    return "\n".join(blocks)
+
+
+def sample_errors(
+    examples: Sequence[Example], preds: np.ndarray, k: int, rng: np.random.Generator
+) -> list[tuple[Example, int]]:
+    """Up to ``k`` random (example, wrong prediction) pairs, in minibatch order."""
+    wrong = [i for i, ex in enumerate(examples) if preds[i] != ex.label]
+    if len(wrong) > k:
+        wrong = sorted(rng.choice(wrong, size=k, replace=False).tolist())
+    return [(examples[i], int(preds[i])) for i in wrong]
+
+
+@dataclass(frozen=True)
+class ProTeGiState:
+    """The beam (texts), every fixed-dev score so far, and counters."""
+
+    beam: tuple[str, ...] = ()
+    scored: tuple[tuple[str, float], ...] = ()
+    step: int = 0
+    proposed: int = 0
+    usable: int = 0
+    pulls: int = 0
+
+
+@dataclass(frozen=True)
+class ProTeGi:
+    """Prompt optimization with textual gradients and beam search.
+
+    Args:
+        beam_size: prompts kept per step (b).
+        minibatch: train examples each beam member is run on to find its errors.
+        n_errors: errors shown per gradient meta-prompt (the paper shows 4).
+        n_gradients: reasons sampled per beam member.
+        edits_per_gradient: edited prompts sampled per reason.
+        mc_samples: Monte-Carlo paraphrases per edited prompt.
+        selector: "ucb" or "successive_rejects".
+        budget: pulls per step's race.
+        pull_size: dev examples per pull.
+        per_round: arms pulled per UCB round (one scorer call each round).
+        ucb_c: UCB exploration weight.
+        n_eval: fixed dev examples every survivor is scored on (0 = whole dev split).
+        temperature: proposer temperature.
+        max_new_tokens: length cap of a reason or a prompt.
+    """
+
+    beam_size: int = 2
+    minibatch: int = 16
+    n_errors: int = 4
+    n_gradients: int = 2
+    edits_per_gradient: int = 1
+    mc_samples: int = 1
+    selector: str = "ucb"
+    budget: int = 24
+    pull_size: int = 8
+    per_round: int = 4
+    ucb_c: float = 1.0
+    n_eval: int = 32
+    temperature: float = 0.7
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if self.selector not in ("ucb", "successive_rejects"):
+            raise ValueError(
+                f"ProTeGi selector must be 'ucb' or 'successive_rejects', got {self.selector!r}"
+            )
+
+    def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> ProTeGiState:
+        return ProTeGiState(beam=(task.instruction,))
+
+    def step(self, state: ProTeGiState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        errors = self._errors(state.beam, task, scorer, rng)
+        edits, raw_n, banned = self._expand(state.beam, errors, task, proposer, rng)
+        edits = clean_candidates(edits, banned, state.beam)
+        paraphrases = self._paraphrase(edits, proposer, rng)
+        fresh = clean_candidates(paraphrases, banned, list(state.beam) + edits)
+        arms = list(state.beam) + edits + fresh
+        race = self._race(arms, task, scorer, rng)
+        beam = tuple(arms[i] for i in (race.top(self.beam_size) if race else range(len(arms))))
+        scored, beam_eval = self._score_new(state, beam, task, scorer)
+        new = replace(
+            state, beam=beam, scored=scored, step=state.step + 1,
+            pulls=state.pulls + (race.pulls if race else 0),
+            proposed=state.proposed + raw_n + len(paraphrases),
+            usable=state.usable + len(edits) + len(fresh),
+        )
+        evaluated = self._race_log(arms, race) + beam_eval
+        return new, Report(self._metrics(new, errors, len(arms), race), evaluated)
+
+    def _errors(
+        self, beam, task: Task, scorer: LM, rng: np.random.Generator
+    ) -> list[list[tuple[Example, int]]]:
+        """Sampled errors of every beam member on one shared train minibatch (one scorer call)."""
+        batch = subsample(task.train, self.minibatch, rng)
+        preds = predict_many(task, beam, batch, scorer)
+        return [sample_errors(batch, preds[j], self.n_errors, rng) for j in range(len(beam))]
+
+    def _generate(
+        self, proposer: LM, contexts: list[str], n: int, rng: np.random.Generator
+    ) -> list[list[str]]:
+        if not contexts or n < 1:
+            return [[] for _ in contexts]
+        return proposer.generate(
+            contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature, n=n,
+            seed=int(rng.integers(2**31)), stop=("<END>", "\n\n"),
+        )
+
+    def _expand(self, beam, errors, task: Task, proposer: LM, rng: np.random.Generator):
+        """Gradients for every member with errors, then edits for every gradient."""
+        jobs = [(p, error_block(task, e)) for p, e in zip(beam, errors) if e]
+        grad_ctx = [GRADIENT_TEMPLATE.format(prompt=p, errors=b, n=self.n_gradients) for p, b in jobs]
+        grads = self._generate(proposer, grad_ctx, self.n_gradients, rng)
+        edit_ctx = [
+            EDIT_TEMPLATE.format(prompt=p, errors=b, gradient=g, n=self.edits_per_gradient)
+            for (p, b), row in zip(jobs, grads) for g in _reasons(row)
+        ]
+        outs = self._generate(proposer, edit_ctx, self.edits_per_gradient, rng)
+        edits = [tagged(s, "<START>", "<END>") for row in outs for s in row]
+        banned = [example_text(task, ex) for e in errors for ex, _ in e]
+        return edits, len(edits), banned
+
+    def _paraphrase(self, edits: list[str], proposer: LM, rng: np.random.Generator) -> list[str]:
+        contexts = [RESAMPLE_TEMPLATE.format(instruction=e) for e in edits]
+        return [s for row in self._generate(proposer, contexts, self.mc_samples, rng) for s in row]
+
+    def _race(self, arms: list[str], task: Task, scorer: LM, rng: np.random.Generator) -> Race | None:
+        """Bandit selection of the next beam; ``None`` when every arm survives anyway."""
+        if len(arms) <= self.beam_size:
+            return None
+        pull = minibatch_pull(task, arms, self.pull_size, rng, scorer)
+        if self.selector == "ucb":
+            return ucb_race(len(arms), pull, self.budget, self.per_round, rng, self.ucb_c)
+        return successive_rejects(len(arms), pull, self.budget, self.beam_size)
+
+    def _score_new(self, state: ProTeGiState, beam: tuple[str, ...], task: Task, scorer: LM):
+        """Fixed-dev scores for survivors not scored before (one scorer call)."""
+        known = dict(state.scored)
+        new = [b for b in beam if b not in known]
+        dev = fixed_dev(task, self.n_eval)
+        scores = score_prompts(task, [TextPrompt(b) for b in new], dev, scorer)
+        evaluated = tuple(Evaluated(b, s, len(dev), "beam") for b, s in zip(new, scores))
+        return state.scored + tuple(zip(new, scores)), evaluated
+
+    def _race_log(self, arms: list[str], race: Race | None) -> tuple[Evaluated, ...]:
+        if race is None:
+            return ()
+        return tuple(
+            Evaluated(a, m, c * self.pull_size, "race")
+            for a, m, c in zip(arms, race.means, race.counts)
+            if c > 0
+        )
+
+    def _metrics(self, state: ProTeGiState, errors, n_arms: int, race: Race | None) -> dict[str, float]:
+        known = dict(state.scored)
+        return {
+            "dev_score": max(known.values()),
+            "beam_mean": float(np.mean([known[b] for b in state.beam])),
+            "proposed": float(state.proposed),
+            "usable": float(state.usable),
+            "errors": float(sum(len(e) for e in errors)),
+            "arms": float(n_arms),
+            "pulls": float(race.pulls if race else 0),
+            "race_rounds": float(race.rounds if race else 0),
+        }
+
+    def best(self, state: ProTeGiState) -> TextPrompt:
+        if not state.scored:
+            raise ValueError("ProTeGi has scored nothing yet; run at least one step")
+        return TextPrompt(max(state.scored, key=lambda p: p[1])[0])
+
+    def done(self, state: ProTeGiState) -> bool:
+        return False
+
+
+def _reasons(raws: Sequence[str]) -> list[str]:
+    """Usable reasons: the tagged text, at least two words, de-duplicated in order."""
+    out: list[str] = []
+    for raw in raws:
+        reason = tagged(raw, "<START>", "<END>")
+        if len(reason.split()) >= 2 and reason not in out:
+            out.append(reason)
+    return out

@@ -1,0 +1,152 @@
+"""ProTeGi and the racing helpers against the planted fake LM and scripted bandits."""
+
+import pickle
+import re
+from pathlib import Path
+
+import hydra.utils
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from methods.protegi import ProTeGi, error_block, sample_errors
+from methods.racing import predict_many, successive_rejects, ucb_race
+from tests.fakes import PlantedLM, planted_task, quality
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RecordingLM(PlantedLM):
+    """Keeps every generate context and the request count of every scorer call."""
+
+    def __init__(self):
+        super().__init__()
+        self.contexts, self.batches = [], []
+
+    def loglikelihood(self, requests, prompt=None):
+        self.batches.append(len(requests))
+        return super().loglikelihood(requests, prompt)
+
+    def generate(self, contexts, **kw):
+        self.contexts += list(contexts)
+        return super().generate(contexts, **kw)
+
+
+def run(method, task, lm, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    state = method.init(task, lm, lm, rng)
+    reports = []
+    for _ in range(steps):
+        state, report = method.step(state, task, lm, lm, rng)
+        reports.append(report)
+    return state, reports
+
+
+@pytest.mark.parametrize("selector", ["ucb", "successive_rejects"])
+def test_protegi_climbs_with_a_bounded_beam(selector):
+    task, lm = planted_task(n_dev=60), RecordingLM()
+    method = ProTeGi(beam_size=3, selector=selector, budget=40, pull_size=10, n_eval=0)
+    rng = np.random.default_rng(0)
+    state, reports, beam_quality = method.init(task, lm, lm, rng), [], []
+    for _ in range(6):
+        state, report = method.step(state, task, lm, lm, rng)
+        reports.append(report)
+        assert 1 <= len(state.beam) <= 3 and len(set(state.beam)) == len(state.beam)
+        beam_quality.append(np.mean([quality(b) for b in state.beam]))
+    assert quality(method.best(state).text) > quality(task.instruction) + 0.15
+    curve = [r.metrics["dev_score"] for r in reports]
+    assert curve == sorted(curve)
+    assert beam_quality[-1] > beam_quality[0] + 0.1  # the whole beam climbs, not one lucky draw
+    assert all(r.metrics["pulls"] <= 40 for r in reports) and reports[-1].metrics["arms"] > 3
+
+
+def test_protegi_race_spends_at_most_its_budget_in_few_scorer_calls():
+    task, lm = planted_task(), RecordingLM()
+    method = ProTeGi(beam_size=2, budget=12, pull_size=5, per_round=4, n_eval=20)
+    state, _ = run(method, task, lm, steps=1)
+    lm.batches.clear()
+    state, report = method.step(state, task, lm, lm, np.random.default_rng(1))
+    race = [e for e in report.evaluated if e.kind == "race"]
+    beam = [e for e in report.evaluated if e.kind == "beam"]
+    pulls = sum(e.n for e in race) // 5
+    assert pulls == report.metrics["pulls"] <= 12 and len(state.beam) == 2
+    # requests: errors (beam x minibatch x 2 labels) + race (pulls x pull_size x 2) + new beam members
+    assert sum(lm.batches) == 2 * 16 * 2 + pulls * 5 * 2 + len(beam) * 20 * 2
+    assert len(lm.batches) == 1 + report.metrics["race_rounds"] + (1 if beam else 0)
+    assert report.metrics["race_rounds"] == 1 + -(-(12 - report.metrics["arms"]) // 4)
+
+
+def test_gradient_and_edit_prompts_show_the_members_real_errors():
+    task, lm = planted_task(), RecordingLM()
+    run(ProTeGi(beam_size=1, n_gradients=2, edits_per_gradient=1, mc_samples=1), task, lm, steps=1)
+    head = "I'm trying to write a zero-shot classifier prompt."
+    grads = [c for c in lm.contexts if c.startswith(head)]
+    edits = [c for c in lm.contexts if "the problem with this prompt is that" in c]
+    assert len(grads) == 1 and 1 <= len(edits) <= 2
+    shown = re.findall(r'Text: "case (\d+) is (\w+)"\nLabel: (\w+)\nPrediction: (\w+)', grads[0])
+    assert 1 <= len(shown) <= 4
+    assert all(word == label != pred for _, word, label, pred in shown)
+    assert '"the banana"' in grads[0] and '"the banana"' in edits[0]
+
+
+def test_sample_errors_and_error_block():
+    task = planted_task()
+    batch = task.train[:10]
+    preds = np.array([ex.label for ex in batch])
+    preds[[1, 4, 7]] = 1 - preds[[1, 4, 7]]
+    errors = sample_errors(batch, preds, 2, np.random.default_rng(0))
+    assert len(errors) == 2 and all(ex in (batch[1], batch[4], batch[7]) for ex, _ in errors)
+    assert error_block(task, errors).count("## Example") == 2
+    lm = PlantedLM()
+    grid = predict_many(task, ["the banana", "decide label review sentiment carefully"], batch, lm)
+    assert grid.shape == (2, 10) and lm.calls == 1
+    assert (grid[1] == [ex.label for ex in batch]).all()
+
+
+def bernoulli_pull(means, rng, log):
+    def pull(arms, reps):
+        log.append((list(arms), reps))
+        return [rng.binomial(8 * reps, means[a]) / (8 * reps) for a in arms]
+
+    return pull
+
+
+def test_ucb_race_respects_budget_and_round_size_and_finds_the_best_arm():
+    means = [0.3, 0.5, 0.85, 0.45, 0.2, 0.6]
+    log = []
+    race = ucb_race(6, bernoulli_pull(means, np.random.default_rng(0), log), budget=40, per_round=3,
+                    rng=np.random.default_rng(1))
+    assert race.pulls == sum(race.counts) == 40 and race.rounds == len(log)
+    assert log[0][0] == list(range(6)) and all(len(arms) <= 3 for arms, _ in log[1:])
+    assert race.top(1) == [2] and race.counts[2] == max(race.counts)
+    small = ucb_race(6, bernoulli_pull(means, np.random.default_rng(0), []), budget=4, per_round=3,
+                     rng=np.random.default_rng(1))
+    assert small.pulls == 4 and sum(c > 0 for c in small.counts) == 4 and len(small.top(2)) == 2
+
+
+def test_successive_rejects_respects_budget_and_keeps_the_best():
+    means = [0.3, 0.5, 0.9, 0.45, 0.2, 0.6]
+    log = []
+    race = successive_rejects(6, bernoulli_pull(means, np.random.default_rng(0), log), budget=60, keep=2)
+    assert race.pulls == sum(race.counts) <= 60 and race.rounds == len(log) == 4
+    assert [len(arms) for arms, _ in log] == [6, 5, 4, 3]
+    assert 2 in race.top(2) and sorted(race.counts)[-2:] == sorted(race.counts[i] for i in race.top(2))
+
+
+def test_protegi_state_pickles_and_resumes_identically():
+    task, method = planted_task(), ProTeGi(beam_size=2, budget=16)
+    full, _ = run(method, task, PlantedLM(), steps=3, seed=7)
+    lm, rng = PlantedLM(), np.random.default_rng(7)
+    state = method.init(task, lm, lm, rng)
+    state, _ = method.step(state, task, lm, lm, rng)
+    state, rng = pickle.loads(pickle.dumps((state, rng)))
+    for _ in range(2):
+        state, _ = method.step(state, task, lm, lm, rng)
+    assert state == full
+
+
+def test_protegi_yaml_instantiates():
+    method = hydra.utils.instantiate(OmegaConf.load(ROOT / "conf/method/protegi.yaml"), _convert_="all")
+    assert isinstance(method, ProTeGi) and method.selector in ("ucb", "successive_rejects")
+    with pytest.raises(ValueError, match="selector"):
+        ProTeGi(selector="greedy")
