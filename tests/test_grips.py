@@ -1,0 +1,121 @@
+"""GRIPS: the phrase splitter, each edit operation, acceptance, patience, and a planted climb."""
+
+import dataclasses
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import hydra.utils
+import numpy as np
+from omegaconf import OmegaConf
+
+from methods.grips import GRIPS, add, delete, join, split_phrases, substitute, swap
+from tests.fakes import PlantedLM, planted_task, quality
+
+ROOT = Path(__file__).resolve().parents[1]
+KNOWN = "Read the text, then answer whether the statement is true or false."
+BAD = "The banana is purple, maybe seven, then ignore it."
+PHRASES = ("Read the text,", "then answer whether the", "statement is true", "or false.")
+
+
+class NoProposer(PlantedLM):
+    def generate(self, *args, **kwargs):
+        raise AssertionError("GRIPS without paraphrase must not call the proposer")
+
+
+class ScriptedParaphraser(PlantedLM):
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        self.calls += 1
+        return [["decide carefully now\nextra line"] * n for _ in contexts]
+
+
+def run(method, task, lm, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    state = method.init(task, lm, lm, rng)
+    reports = []
+    for _ in range(steps):
+        if method.done(state):
+            break
+        state, report = method.step(state, task, lm, lm, rng)
+        reports.append(report)
+    return state, reports
+
+
+def test_split_phrases_cuts_at_punctuation_conjunctions_and_word_windows():
+    assert split_phrases(KNOWN, max_words=5) == PHRASES
+    assert join(split_phrases(KNOWN, 3)) == KNOWN
+    assert all(len(p.split()) <= 3 for p in split_phrases(KNOWN, 3))
+    assert split_phrases("") == () and split_phrases("one") == ("one",)
+
+
+def test_each_edit_operation_on_a_known_instruction():
+    rng = np.random.default_rng(0)
+    shorter, gone = delete(PHRASES, rng)
+    assert len(shorter) == 3 and gone in PHRASES and [p for p in PHRASES if p != gone] == list(shorter)
+    swapped = swap(PHRASES, rng)
+    assert Counter(swapped) == Counter(PHRASES) and sum(a != b for a, b in zip(swapped, PHRASES)) == 2
+    longer = add(shorter, [gone], rng)
+    assert len(longer) == 4 and Counter(longer) == Counter(PHRASES)
+    replaced = substitute(PHRASES, 1, "  'then reply if the'\nmore")
+    assert replaced == (PHRASES[0], "then reply if the") + PHRASES[2:]
+    assert substitute(PHRASES, 1, "then answer whether the") is None  # no change is no edit
+    assert substitute(PHRASES, 2, " ".join(["word"] * 20)) is None  # runaway continuation
+    assert substitute(PHRASES, 2, "\n\n") is None
+
+
+def test_paraphrase_edit_asks_the_proposer_once_per_step():
+    # a one-phrase instruction: paraphrase is the only applicable edit
+    task = dataclasses.replace(planted_task(), instruction="the banana")
+    lm = ScriptedParaphraser()
+    method = GRIPS(num_candidates=3)
+    state, reports = run(method, task, lm, steps=1)
+    edits = [e for e in reports[0].evaluated if e.kind == "edit"]
+    assert lm.calls == 1 + 1  # one generate, one scorer call (the seed scored with the edits)
+    assert [e.prompt for e in edits] == ["decide carefully now"]  # three identical paraphrases, deduped
+    assert method.best(state).text == "decide carefully now" and state.accepted == 1
+
+
+def test_without_paraphrase_no_proposer_call_no_worse_acceptance_and_patience_stop():
+    task = dataclasses.replace(
+        planted_task(), instruction="Decide the label, maybe banana purple, review it carefully, seven"
+    )
+    lm = NoProposer()
+    method = GRIPS(num_candidates=4, patience=2, paraphrase=False, n_eval=0)
+    state, reports = run(method, task, lm, steps=50)
+    assert method.done(state) and len(reports) < 50
+    curve = [r.metrics["dev_score"] for r in reports]
+    assert curve == sorted(curve)
+    assert quality(method.best(state).text) == quality(task.instruction)  # deleting a good word never wins
+    # the last `patience` steps found nothing strictly better
+    assert all(r.metrics["step_best"] <= r.metrics["dev_score"] for r in reports[-2:])
+    assert state.accepted == sum(b > a for a, b in zip(curve, curve[1:]))
+
+
+def test_grips_climbs_the_planted_objective_with_paraphrases():
+    task = dataclasses.replace(planted_task(n_dev=60), instruction=BAD)
+    lm = PlantedLM()
+    method = GRIPS(num_candidates=6, patience=4, n_eval=0)
+    state, reports = run(method, task, lm, steps=12)
+    assert quality(method.best(state).text) > quality(task.instruction) + 0.15
+    assert reports[0].evaluated[0].kind == "seed" and reports[0].evaluated[0].prompt == task.instruction
+    assert lm.calls <= 2 * len(reports)
+
+
+def test_grips_state_pickles_and_resumes_identically():
+    task = dataclasses.replace(planted_task(), instruction=BAD)
+    method = GRIPS(num_candidates=4, patience=10)
+    full, _ = run(method, task, PlantedLM(), steps=4, seed=3)
+    lm, rng = PlantedLM(), np.random.default_rng(3)
+    state = method.init(task, lm, lm, rng)
+    for _ in range(2):
+        state, _ = method.step(state, task, lm, lm, rng)
+    state, rng = pickle.loads(pickle.dumps((state, rng)))
+    for _ in range(2):
+        state, _ = method.step(state, task, lm, lm, rng)
+    assert state == full
+
+
+def test_grips_yaml_instantiates():
+    cfg = OmegaConf.load(ROOT / "conf/method/grips.yaml")
+    method = hydra.utils.instantiate(cfg, _convert_="all")
+    assert isinstance(method, GRIPS) and method.num_candidates >= 1
