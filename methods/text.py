@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from tasks.core import Example, Task
 
+_SCAFFOLD = ("shots", "header", "subject")
 _QUOTES = "\"'`“”‘’"
 _LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*•]|instruction\s*\d*\s*:)\s*", re.IGNORECASE)
 
@@ -61,11 +62,14 @@ def demo_block(task: Task, examples: Sequence[Example], output_name: str = "Outp
     """Input/output pairs in the form APE's forward-generation template shows them."""
     lines = []
     for ex in examples:
-        text = " ".join(ex.inputs[f] for f in task.fields if f not in ("shots", "header"))
+        text = " ".join(ex.inputs[f] for f in task.fields if f not in _SCAFFOLD)
         lines.append(f"Input: {text}\n{output_name}:{task.choices(ex)[ex.label]}")
     return "\n\n".join(lines)
 
 
 def input_texts(examples: Sequence[Example]) -> list[str]:
-    """Every input field value of ``examples`` (what proposals must not copy)."""
-    return [v for ex in examples for v in ex.inputs.values()]
+    """The example-specific input values of ``examples`` (what proposals must not copy).
+
+    Shared scaffolding (MMLU's header and shots) is left out: it is not an input.
+    """
+    return [v for ex in examples for k, v in ex.inputs.items() if k not in _SCAFFOLD]

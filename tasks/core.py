@@ -87,12 +87,13 @@ class Task:
     fields: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        names = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
+        # Template order, not sorted: demos shown to proposers read like the prompt does.
+        names = list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.template) if f))
         if "instruction" not in names:
             raise TaskError(f"task {self.name!r}: template has no {{instruction}} slot")
         if self.metric not in METRICS:
             raise TaskError(f"task {self.name!r}: unknown metric {self.metric!r}; known: {sorted(METRICS)}")
-        object.__setattr__(self, "fields", tuple(sorted(names - {"instruction"})))
+        object.__setattr__(self, "fields", tuple(n for n in names if n != "instruction"))
         for split_name in ("train", "dev", "test"):
             self._check_split(split_name, getattr(self, split_name))
 
@@ -106,8 +107,12 @@ class Task:
                 raise TaskError(f"task {self.name!r}: {split_name}[{i}] label {ex.label} outside 0..{n - 1}")
 
     def render(self, instruction: str, example: Example) -> str:
-        """The context string for ``example`` with ``instruction`` in the slot."""
-        return self.template.format(instruction=instruction, **example.inputs)
+        """The context string for ``example`` with ``instruction`` in the slot.
+
+        An empty instruction leaves no leading blank line (templates start "{instruction}\n\n").
+        """
+        text = self.template.format(instruction=instruction, **example.inputs)
+        return text if instruction else text.lstrip()
 
     def choices(self, example: Example) -> tuple[str, ...]:
         """Continuations to score for ``example``; the correct one is ``choices[label]``."""

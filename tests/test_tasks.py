@@ -225,7 +225,7 @@ def test_mmlu_toy_letter_and_cloze_exact(tmp_path):
     cloze = loaders.mmlu(str(tmp_path), form="cloze", k_shot=2)
     assert cloze.length_normalize and not letter.length_normalize
     assert cloze.test[0].choices == (" e", " f", " g", " h") and cloze.test[0].label == 3
-    assert cloze.render("", cloze.test[1]) == f"\n\n{header}Q1?\nAnswer: None\n\nQ2?\nAnswer: w\n\nT2?\nAnswer:"
+    assert cloze.render("", cloze.test[1]) == f"{header}Q1?\nAnswer: None\n\nQ2?\nAnswer: w\n\nT2?\nAnswer:"
     assert cloze.choices(cloze.test[1])[cloze.test[1].label] == " i"
 
 
