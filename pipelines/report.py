@@ -1,0 +1,410 @@
+"""Turn a run directory into a side-by-side comparison: ``report.md`` plus PNG plots.
+
+Usage: ``python -m pipelines.report RUN_DIR``. Reads ``summary.json`` (one row per trial,
+failures included) and ``evaluations.jsonl`` (every candidate scored, in order). The same
+numbers are exposed as DataFrames (:func:`report_tables`) and images (:func:`plot_paths`)
+so the sweep driver can log exactly what the Markdown shows. "mean ± std" is over seeds
+(``ddof=1``; "-" for one seed); NaN scores are left out of means; a method's best prompt is
+its best-dev seed's (test is never used to pick).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from pipelines.results import read_jsonl
+
+BASELINE = "manual"
+FAMILIES = {"TextPrompt": "text instruction", "TokenPrompt": "trigger tokens", "SoftPrompt": "soft prompt"}
+PROMPT_WIDTH = 80
+SOFT_DESCRIPTION = re.compile(r"^<soft (\d+)x(\d+): (.*)>$", re.S)
+
+
+class ReportError(Exception):
+    """The run directory cannot be reported on (shown to the user as one line)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run directory holds, split into finished and failed trials."""
+
+    dir: Path
+    ok: tuple[dict, ...]
+    failed: tuple[dict, ...]
+    evaluations: tuple[dict, ...]
+    wall_s: float
+
+
+def load_run(run_dir: Path | str) -> Run:
+    """Read ``summary.json`` and the evaluation log; raises :class:`ReportError` without a summary."""
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise ReportError(f"no summary.json in {run_dir} (is it a finished run directory?)")
+    try:
+        summary = json.loads(path.read_text())
+        rows = list(summary["trials"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ReportError(f"{path} is not a run summary: {type(err).__name__}: {err}") from err
+    ok = tuple(r for r in rows if r.get("status") == "ok")
+    failed = tuple(r for r in rows if r.get("status") != "ok")
+    evaluations = tuple(read_jsonl(run_dir / "evaluations.jsonl"))  # merged before the summary is written
+    return Run(run_dir, ok, failed, evaluations, float(summary.get("wall_s") or 0.0))
+
+
+def _tasks(run: Run) -> list[str]:
+    return sorted({str(r.get("task", "?")) for r in run.ok})
+
+
+def _method_order(rows: Sequence[dict]) -> list[str]:
+    """Baseline first, then text, token and soft methods, each alphabetically."""
+    kinds = {r["method"]: r.get("prompt_kind", "") for r in rows}
+    family = {k: i for i, k in enumerate(FAMILIES)}
+    return sorted(kinds, key=lambda m: (m != BASELINE, family.get(kinds[m], len(family)), m))
+
+
+def _by_method(rows: Sequence[dict], task: str) -> dict[str, list[dict]]:
+    rows = [r for r in rows if r.get("task") == task]
+    seed = lambda r: str(r.get("seed")).zfill(12)  # noqa: E731 - numeric order for ints, stable for the rest
+    return {m: sorted((r for r in rows if r["method"] == m), key=seed) for m in _method_order(rows)}
+
+
+def _number(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def mean_std(values: Sequence) -> tuple[float, float]:
+    """Mean and sample std (ddof=1) of the finite values; std is NaN with fewer than two."""
+    xs = np.array([_number(v) for v in values], dtype=float)
+    xs = xs[np.isfinite(xs)]
+    if xs.size == 0:
+        return math.nan, math.nan
+    return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else math.nan
+
+
+def best_row(rows: Sequence[dict]) -> dict:
+    """The seed with the highest dev score (the first one if no dev score is finite)."""
+    devs = [_number(r.get("dev_score")) for r in rows]
+    finite = [i for i, d in enumerate(devs) if math.isfinite(d)]
+    return rows[max(finite, key=lambda i: devs[i])] if finite else rows[0]
+
+
+def _family_view(row: dict) -> tuple[str, str]:
+    """What a human should read of a prompt: (text, token ids or soft-prompt shape)."""
+    kind, text = row.get("prompt_kind", ""), str(row.get("best_prompt", ""))
+    if kind == "TokenPrompt":
+        return text, str(list(row.get("prompt_tokens") or []))
+    match = SOFT_DESCRIPTION.match(text) if kind == "SoftPrompt" else None
+    return (match.group(3), f"{match.group(1)} vectors x {match.group(2)} dims") if match else (text, "")
+
+
+def _method_row(method: str, rows: Sequence[dict], n_failed: int) -> dict:
+    """One method's line: seeds, dev/test mean and std, mean cost per trial, and the best seed's
+    prompt (``best_prompt`` as logged; ``found``/``detail`` in its family's words)."""
+    mean = lambda f: mean_std([f(r) for r in rows])[0]  # noqa: E731
+    (dev, dev_std), (test, test_std) = (mean_std([r.get(k) for r in rows]) for k in ("dev_score", "test_score"))
+    best = best_row(rows)
+    found, detail = _family_view(best)
+    return {
+        "method": method, "family": FAMILIES.get(best.get("prompt_kind", ""), "?"),
+        "seeds": len(rows), "failed": n_failed,
+        "dev_mean": dev, "dev_std": dev_std, "test_mean": test, "test_std": test_std,
+        "scorer_calls": mean(lambda r: r.get("scorer_calls")),
+        "tokens": mean(lambda r: _number(r.get("scorer_tokens", 0)) + _number(r.get("proposer_tokens", 0))),
+        "wall_s": mean(lambda r: r.get("wall_s")),
+        "best_seed": best.get("seed"), "best_dev": _number(best.get("dev_score")),
+        "best_test": _number(best.get("test_score")), "best_prompt": str(best.get("best_prompt", "")),
+        "found": found, "detail": detail,
+    }
+
+
+def summary_table(run: Run, task: str) -> pd.DataFrame:
+    """One row per method on ``task`` (see :func:`_method_row`), baseline first."""
+    failed = [r.get("method") for r in run.failed if r.get("task") == task]
+    return pd.DataFrame([_method_row(m, rows, failed.count(m)) for m, rows in _by_method(run.ok, task).items()])
+
+
+def groups_table(run: Run, task: str) -> pd.DataFrame | None:
+    """Group (e.g. MMLU subject) x method: mean test score over seeds; None without groups."""
+    methods = {m: rs for m, rs in _by_method(run.ok, task).items() if any(r.get("test_groups") for r in rs)}
+    groups = sorted({g for rs in methods.values() for r in rs for g in (r.get("test_groups") or {})})
+    if not groups:
+        return None
+    mean = lambda rs, g: mean_std([(r.get("test_groups") or {}).get(g) for r in rs])[0]  # noqa: E731
+    return pd.DataFrame({"group": groups, **{m: [mean(rs, g) for g in groups] for m, rs in methods.items()}})
+
+
+def report_tables(run_dir: Path | str) -> dict[str, pd.DataFrame]:
+    """Numeric tables behind the report, keyed ``summary/<task>``, ``prompts/<task>`` (best prompt
+    per method, by family), ``groups/<task>`` (if test groups exist), ``failures`` (if any)."""
+    return _tables(load_run(run_dir))
+
+
+def _tables(run: Run) -> dict[str, pd.DataFrame]:
+    tables = {}
+    for task in _tasks(run):
+        summary = tables[f"summary/{task}"] = summary_table(run, task)
+        tables[f"prompts/{task}"] = summary[["family", "method", "best_seed", "best_dev", "best_test", "found",
+                                             "detail"]]
+        if (groups := groups_table(run, task)) is not None:
+            tables[f"groups/{task}"] = groups
+    if run.failed:
+        cols = ["task", "method", "seed", "trial", "error"]
+        tables["failures"] = pd.DataFrame([{c: r.get(c, "?") for c in cols} for r in run.failed], columns=cols)
+    return tables
+
+
+def best_so_far(records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """One trial's best dev score against its cumulative scorer calls (file order).
+
+    Only records scored on the trial's full dev set count: racing scores some candidates on
+    a few examples, and such a score is too noisy to call the best so far.
+
+    Returns:
+        ``(calls [k], best [k])``, one point per distinct call count, calls increasing.
+    """
+    recs = [r for r in records if math.isfinite(_number(r.get("scorer_calls")))]
+    full = max((_number(r.get("n")) for r in recs), default=math.nan)
+    recs = [r for r in recs if not math.isfinite(full) or _number(r.get("n")) == full]
+    if not recs:
+        return np.zeros(0), np.zeros(0)
+    calls = np.maximum.accumulate(np.array([_number(r["scorer_calls"]) for r in recs]))
+    best = np.fmax.accumulate(np.array([_number(r.get("score")) for r in recs]))  # fmax: NaN never wins
+    last = np.r_[calls[1:] != calls[:-1], True]  # keep the last record of each step
+    return calls[last], best[last]
+
+
+def mean_curve(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Seeds' step curves on the union of their x: ``(x, mean, min, max)``, each ``[k]``.
+
+    The curve starts once every seed has a point (so the mean is always over the same
+    seeds); a seed that stopped early holds its final best.
+    """
+    curves = [(x, y) for x, y in curves if x.size]
+    grid = np.unique(np.concatenate([x for x, _ in curves])) if curves else np.zeros(0)
+    grid = grid[grid >= max((x[0] for x, _ in curves), default=0)]
+    at = np.array([y[np.searchsorted(x, grid, side="right") - 1] for x, y in curves]).reshape(-1, grid.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+        return grid, np.nanmean(at, 0), np.nanmin(at, 0), np.nanmax(at, 0)
+
+
+def method_curves(run: Run, task: str) -> dict[str, tuple[int, tuple[np.ndarray, ...]]]:
+    """Per method on ``task``: (seeds with a log, mean curve), from finished trials only."""
+    by_trial: dict[str, list[dict]] = {}
+    for rec in run.evaluations:
+        by_trial.setdefault(str(rec.get("trial")), []).append(rec)
+    out = {}
+    for method, rows in _by_method(run.ok, task).items():
+        curves = [c for r in rows if (c := best_so_far(by_trial.get(str(r.get("trial")), [])))[0].size]
+        if curves:
+            out[method] = (len(curves), mean_curve(curves))
+    return out
+
+
+def _colors(run: Run) -> dict[str, tuple]:
+    """One color per method, the same in every plot."""
+    return dict(zip(_method_order(run.ok), itertools.cycle(colormaps["tab10"].colors)))
+
+
+def _png(kind: str, task: str) -> str:
+    return f"{kind}_{re.sub(r'[^A-Za-z0-9._-]+', '_', task)}.png"
+
+
+def plot_best_so_far(run: Run, task: str, path: Path) -> Path | None:
+    """Best-so-far dev score vs scorer calls, mean over seeds with a min-max band."""
+    curves, colors = method_curves(run, task), _colors(run)
+    if not curves:
+        return None
+    fig = Figure(figsize=(8, 4.8))  # a bare Figure renders with Agg: no pyplot, no global backend
+    ax = fig.subplots()
+    for method, (n, (x, mean, lo, hi)) in curves.items():
+        label, c = f"{method} ({n} seed{'s' * (n > 1)})", colors[method]
+        if method == BASELINE or x.size == 1:
+            ax.axhline(mean[-1], color=c, ls="--", lw=1.2, label=f"{label}: {mean[-1]:.3f}")
+            continue
+        ax.step(x, mean, where="post", color=c, lw=2, label=label)
+        ax.fill_between(x, lo, hi, step="post", color=c, alpha=0.15, lw=0)
+        ax.plot(x[-1], mean[-1], "o", color=c, ms=4)
+    xs = np.concatenate([x for _, (x, *_) in curves.values()])
+    if xs.min() > 0 and xs.max() / xs.min() > 50:
+        ax.set_xscale("log")
+    ax.set(xlabel="cumulative scorer calls", ylabel="best dev score so far",
+           title=f"{task}: best-so-far dev score (mean over seeds, band = min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a curve
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_test(run: Run, task: str, path: Path) -> Path | None:
+    """Test metric per method (mean, std error bars); the manual baseline as a dashed line."""
+    table, colors = summary_table(run, task), _colors(run)
+    if table.empty:
+        return None
+    bars, base = table[table["method"] != BASELINE], table[table["method"] == BASELINE]["test_mean"].dropna()
+    fig = Figure(figsize=(max(5.0, 1.1 * len(bars) + 2.5), 4.5))
+    ax, x = fig.subplots(), np.arange(len(bars))
+    ax.set_xlim(-0.9, max(len(bars), 1) - 0.1)  # keeps a lone bar from filling the plot
+    ax.bar(x, bars["test_mean"].fillna(0), yerr=bars["test_std"], capsize=4,  # NaN std (one seed): no error bar
+           color=[colors[m] for m in bars["method"]], edgecolor="black", lw=0.5)
+    for xi, mean, std in zip(x, bars["test_mean"], bars["test_std"].fillna(0)):
+        top = (mean if math.isfinite(mean) else 0) + std + 0.01
+        ax.text(xi, top, fmt(mean) if math.isfinite(mean) else "n/a", ha="center", va="bottom", fontsize=8)
+    if len(base):
+        ax.axhline(base.iloc[0], color="gray", ls="--", lw=1.5, label=f"{BASELINE} baseline: {base.iloc[0]:.3f}")
+        ax.legend(fontsize=8, loc="lower right")
+    tilt = {"rotation": 20, "ha": "right"} if max(map(len, bars["method"]), default=0) > 10 else {}  # long names
+    sep = " " if tilt else "\n"
+    ax.set_xticks(x, [f"{m}{sep}(n={n})" for m, n in zip(bars["method"], bars["seeds"])], fontsize=9, **tilt)
+    ax.set(ylabel="test metric", title=f"{task}: test metric per method (mean ± std over seeds)")
+    ax.set_ylim(0, max(1.0, float(np.nanmax(np.r_[table["test_mean"] + table["test_std"].fillna(0), 0]))) * 1.08)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_paths(run_dir: Path | str) -> list[Path]:
+    """Draw (or redraw) the run's plots into ``run_dir`` and return the files written."""
+    return _plots(load_run(run_dir))
+
+
+def _plots(run: Run) -> list[Path]:
+    made = [plot(run, task, run.dir / _png(kind, task)) for task in _tasks(run)
+            for kind, plot in (("best_so_far", plot_best_so_far), ("test", plot_test))]
+    return [p for p in made if p is not None]
+
+
+def md_cell(text: object, width: int | None = PROMPT_WIDTH) -> str:
+    """One line of text safe in a Markdown table cell, cut to ``width`` characters."""
+    text = " ".join(str(text).split())
+    if width and len(text) > width:
+        text = text[: width - 1] + "…"
+    text = text.replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([|`*_\[\]])", r"\\\1", text)
+
+
+def fmt(x: object, digits: int = 3) -> str:
+    v = _number(x)
+    return "-" if not math.isfinite(v) else f"{v:,.{digits}f}"
+
+
+def pm(mean: float, std: float) -> str:
+    return "-" if not math.isfinite(mean) else f"{mean:.3f} ± {fmt(std)}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _summary_md(table: pd.DataFrame) -> str:
+    header = ["method", "family", "seeds", "dev (mean ± std)", "test (mean ± std)", "scorer calls",
+              "tokens (scorer+proposer)", "wall s", "best prompt (best-dev seed)"]
+    return md_table(header, [[
+        md_cell(r.method), r.family, f"{r.seeds}" + (f" (+{r.failed} failed)" if r.failed else ""),
+        pm(r.dev_mean, r.dev_std), pm(r.test_mean, r.test_std), fmt(r.scorer_calls, 0), fmt(r.tokens, 0),
+        fmt(r.wall_s, 1), md_cell(r.best_prompt),
+    ] for r in table.itertuples()])
+
+
+def _family_md(table: pd.DataFrame) -> str:
+    # ids go in a code span: read as numbers, never as Markdown
+    rows = [[r.family, md_cell(r.method), md_cell(r.best_seed), fmt(r.best_dev), fmt(r.best_test), md_cell(r.found),
+             f"`{r.detail}`" if r.detail.startswith("[") else r.detail or "-"] for r in table.itertuples()]
+    return md_table(["family", "method", "seed", "dev", "test", "what it found", "token ids / shape"], rows)
+
+
+def _groups_md(table: pd.DataFrame) -> str:
+    methods = [c for c in table.columns if c != "group"]
+    rows = [[md_cell(g)] + [fmt(v) for v in vals] for g, *vals in table.itertuples(index=False)]
+    rows.append(["**macro mean**"] + [fmt(table[m].mean()) for m in methods])
+    return md_table(["group"] + [md_cell(m) for m in methods], rows)
+
+
+def _details_md(run: Run, task: str) -> list[str]:
+    """Every seed's best prompt in full, in a fence no backtick run in the prompt can close."""
+    out = [f"### {md_cell(task, None)}"]
+    for method, rows in _by_method(run.ok, task).items():
+        for r in rows:
+            text = str(r.get("best_prompt", ""))
+            fence = "`" * max([3] + [len(m) + 1 for m in re.findall(r"`+", text)])
+            out += ["", f"**{md_cell(method, None)}**, seed {md_cell(r.get('seed'))} ({r.get('prompt_kind', '?')}; "
+                    f"dev {fmt(r.get('dev_score'))}, test {fmt(r.get('test_score'))})", "", fence, text, fence]
+    return out + [""]
+
+
+def _task_md(task: str, tables: dict[str, pd.DataFrame], plots: set[str]) -> list[str]:
+    out = [f"## {md_cell(task, None)}", "", _summary_md(tables[f"summary/{task}"]), ""]
+    for name, alt in ((_png("best_so_far", task), "best-so-far dev score"), (_png("test", task), "test metric")):
+        link = f"![{alt}: {md_cell(task, None)}]({name})"
+        out += [link if name in plots else f"_No {alt} plot: nothing logged._", ""]
+    if f"groups/{task}" in tables:
+        out += ["### Test score per group (mean over seeds)", "", _groups_md(tables[f"groups/{task}"]), ""]
+    return out
+
+
+def render(run: Run, tables: dict[str, pd.DataFrame], plots: Sequence[Path]) -> str:
+    """The whole report as Markdown (plots referenced by file name, next to the report)."""
+    tasks = _tasks(run)
+    models = sorted({f"{r.get('scorer_model', '?')} / {r.get('proposer_model', '?')}" for r in run.ok})
+    out = [f"# promptsweep report: {md_cell(run.dir.name, None)}", "",
+           f"{len(run.ok)} finished trial(s), {len(run.failed)} failed; {len(run.evaluations)} evaluations logged; "
+           f"sweep wall time {run.wall_s:.0f} s. Scorer / proposer: {', '.join(map(md_cell, models)) or '-'}.", "",
+           "Mean ± std over seeds (std with ddof=1, '-' for one seed); NaN scores are left out of means. "
+           "Cost columns are means per trial. The best prompt is that of the seed with the best dev score.", ""]
+    for task in tasks:
+        out += _task_md(task, tables, {p.name for p in plots})
+    if not tasks:
+        out += ["_No trial finished._", ""]
+    if "failures" in tables:
+        rows = [[md_cell(v) for v in r] for r in tables["failures"].itertuples(index=False)]
+        out += ["## Failed trials", "", md_table(list(tables["failures"].columns), rows), ""]
+    out += ["## What each family found", "", "Text methods: instruction text. AutoPrompt: trigger tokens (decoded "
+            "text and ids). Soft prompts: nearest vocabulary token of each vector.", ""]
+    for task in tasks:
+        out += [f"### {md_cell(task, None)}", "", _family_md(tables[f"prompts/{task}"]), ""]
+    out += ["## Full best prompts", ""]
+    for task in tasks:
+        out += _details_md(run, task)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(run_dir: Path | str) -> Path:
+    """Write ``report.md`` and the plots into ``run_dir``; returns the report's path."""
+    run = load_run(run_dir)
+    path = run.dir / "report.md"
+    path.write_text(render(run, _tables(run), _plots(run)))
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if len(argv) != 1:
+            raise ReportError("usage: python -m pipelines.report RUN_DIR")
+        print(write_report(argv[0]))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
