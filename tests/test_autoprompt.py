@@ -229,3 +229,15 @@ def test_soft_prompts_reach_the_fake_too():
     tok = TokenPrompt((0, 3))
     reqs = [(f"{PROMPT_SLOT} case is yes", " yes")]
     assert lm.loglikelihood(reqs, soft)[0] == pytest.approx(lm.loglikelihood(reqs, tok)[0])
+
+
+def test_autoprompt_lowers_the_label_loss_of_a_tiny_random_llama():
+    from tests.tiny import tiny_backend
+
+    task, lm = planted_task(n_train=32, n_dev=16), tiny_backend()
+    method = AutoPrompt(n_triggers=3, n_candidates=8, batch_size=8, eval_every=4, n_eval=16)
+    state, reports = run(method, task, lm, steps=8)
+    start = (lm.tokenize(" the")[0],) * 3
+    before, after = objective_table(task, [TokenPrompt(start), TokenPrompt(state.ids)], task.train, lm, "nll")[:, 0]
+    assert state.accepted > 0 and after < before
+    assert state.text == lm.decode(state.ids) and len(reports[-1].evaluated) == 1

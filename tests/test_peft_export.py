@@ -65,3 +65,36 @@ def test_shape_mismatch_is_a_clear_error(tmp_path):
         save_soft_prompt(tiny_llama(), soft(d=8), tmp_path)
     with pytest.raises(ValueError, match="n_virtual"):
         save_soft_prompt(tiny_llama(), np.zeros(16, np.float32), tmp_path)
+
+
+def test_a_trained_prompt_reloaded_by_peft_reproduces_the_backend_scores(tmp_path):
+    """Slot at the template's start and no BOS: PEFT's prepending is our splice."""
+    from peft import PeftModel
+
+    from methods.autoprompt import label_requests
+    from methods.lm import PROMPT_SLOT, SoftPrompt
+    from methods.soft_prompt import SoftPromptTuning
+    from tests.fakes import planted_task
+    from tests.tiny import tiny_backend, tiny_model
+
+    task, lm = planted_task(n_train=16, n_dev=8), tiny_backend()
+    method, rng = SoftPromptTuning(n_virtual=3, lr=0.1, eval_every=100), np.random.default_rng(0)
+    state = method.init(task, lm, lm, rng)
+    for _ in range(3):
+        state, _ = method.step(state, task, lm, lm, rng)
+    prompt = method.best(state).embeddings
+    vocab = len(lm.tokenizer)
+    save_soft_prompt(tiny_model(vocab), prompt, tmp_path)
+    peft_model = PeftModel.from_pretrained(tiny_model(vocab), str(tmp_path)).eval()
+    reqs = label_requests(task, task.dev)
+    expected = lm.loglikelihood(reqs, SoftPrompt(prompt))
+    for (context, continuation), want in zip(reqs, expected):
+        before, after = context.split(PROMPT_SLOT)
+        assert before == ""  # the slot opens the template
+        ctx, cont = lm.tokenize(after), lm.tokenize(continuation)
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], -1)
+        start = prompt.shape[0] + len(ctx) - 1
+        got = sum(float(logp[start + k, t]) for k, t in enumerate(cont))
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)

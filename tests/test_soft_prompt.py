@@ -169,3 +169,16 @@ def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="encoder"):
         SoftPromptTuning(encoder="lstm")
     assert len(WORDS) > 8
+
+
+@pytest.mark.parametrize("encoder", ["none", "mlp"])
+def test_training_lowers_the_label_loss_of_a_tiny_random_llama(encoder):
+    from tests.tiny import tiny_backend
+
+    task, lm = planted_task(n_train=32, n_dev=16), tiny_backend()
+    method = SoftPromptTuning(n_virtual=4, encoder=encoder, encoder_hidden=16, lr=0.1, batch_size=16, eval_every=5, n_eval=16)
+    start = method.init(task, lm, lm, np.random.default_rng(0))
+    state, reports, _ = run(method, task, lm, steps=15)
+    final = method._forward(state.params)[0]
+    assert nll(task, lm, final) < nll(task, lm, method.best(start).embeddings) - 1.0
+    assert len(method.best(state).nearest) == 4 and all(isinstance(w, str) for w in method.best(state).nearest)
