@@ -238,6 +238,7 @@ def test_autoprompt_lowers_the_label_loss_of_a_tiny_random_llama():
     method = AutoPrompt(n_triggers=3, n_candidates=8, batch_size=8, eval_every=4, n_eval=16)
     state, reports = run(method, task, lm, steps=8)
     start = (lm.tokenize(" the")[0],) * 3
-    before, after = objective_table(task, [TokenPrompt(start), TokenPrompt(state.ids)], task.train, lm, "nll")[:, 0]
+    pair = [TokenPrompt(start), TokenPrompt(state.ids)]
+    before, after = objective_table(task, pair, task.train, lm, "nll")[:, 0]
     assert state.accepted > 0 and after < before
     assert state.text == lm.decode(state.ids) and len(reports[-1].evaluated) == 1

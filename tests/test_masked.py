@@ -76,7 +76,8 @@ def test_prompt_grad_matches_finite_differences():
         up, down = emb.copy(), emb.copy()
         up[i, j] += h
         down[i, j] -= h
-        fd = (lm.loglikelihood(reqs, SoftPrompt(down)).mean() - lm.loglikelihood(reqs, SoftPrompt(up)).mean()) / (2 * h)
+        lo, hi = (lm.loglikelihood(reqs, SoftPrompt(e)).mean() for e in (down, up))
+        fd = (lo - hi) / (2 * h)
         assert grad[i, j] == pytest.approx(fd, rel=1e-4, abs=1e-7)
 
 
@@ -98,7 +99,8 @@ def test_autoprompt_lowers_the_label_loss_on_a_masked_lm():
     start = state.ids
     for _ in range(6):
         state, _ = method.step(state, task, lm, lm, rng)
-    before, after = objective_table(task, [TokenPrompt(start), TokenPrompt(state.ids)], task.train, lm, "nll")[:, 0]
+    pair = [TokenPrompt(start), TokenPrompt(state.ids)]
+    before, after = objective_table(task, pair, task.train, lm, "nll")[:, 0]
     assert state.accepted > 0 and after < before
     assert not {lm.tokenize(" yes")[0], lm.tokenize(" no")[0]} & set(state.ids)
 

@@ -142,7 +142,8 @@ def test_residual_p_tuning_starts_at_the_init_prompt():
     method = SoftPromptTuning(n_virtual=4, encoder="mlp", init_text="the film")
     state = method.init(task, lm, lm, np.random.default_rng(0))
     assert len(state.params) == 7
-    np.testing.assert_array_equal(method.best(state).embeddings, text_init(lm.tokenize("the film"), lm.token_embeddings(), 4))
+    expected = text_init(lm.tokenize("the film"), lm.token_embeddings(), 4)
+    np.testing.assert_array_equal(method.best(state).embeddings, expected)
 
 
 @pytest.mark.parametrize("encoder", ["none", "mlp"])
@@ -176,7 +177,9 @@ def test_training_lowers_the_label_loss_of_a_tiny_random_llama(encoder):
     from tests.tiny import tiny_backend
 
     task, lm = planted_task(n_train=32, n_dev=16), tiny_backend()
-    method = SoftPromptTuning(n_virtual=4, encoder=encoder, encoder_hidden=16, lr=0.1, batch_size=16, eval_every=5, n_eval=16)
+    method = SoftPromptTuning(
+        n_virtual=4, encoder=encoder, encoder_hidden=16, lr=0.1, batch_size=16, eval_every=5, n_eval=16,
+    )
     start = method.init(task, lm, lm, np.random.default_rng(0))
     state, reports, _ = run(method, task, lm, steps=15)
     final = method._forward(state.params)[0]

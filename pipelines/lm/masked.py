@@ -43,7 +43,9 @@ class MaskedLMBackend:
         self._setup(lm, tokenizer, device, max_batch)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer, device: str = "cpu", max_batch: int = 32) -> MaskedLMBackend:
+    def from_model(
+        cls, model: torch.nn.Module, tokenizer, device: str = "cpu", max_batch: int = 32
+    ) -> MaskedLMBackend:
         """Wrap an already-built masked LM and its tokenizer (tests; models built in-process)."""
         self = cls.__new__(cls)
         self._setup(model, tokenizer, device, max_batch)
