@@ -242,3 +242,15 @@ def test_autoprompt_lowers_the_label_loss_of_a_tiny_random_llama():
     before, after = objective_table(task, pair, task.train, lm, "nll")[:, 0]
     assert state.accepted > 0 and after < before
     assert state.text == lm.decode(state.ids) and len(reports[-1].evaluated) == 1
+
+
+def test_autoprompt_yaml_instantiates_with_every_key_a_constructor_argument():
+    from pathlib import Path
+
+    import hydra.utils
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / "conf/method/autoprompt.yaml"
+    assert path.read_text().startswith("# python -m pipelines.run method=autoprompt")
+    method = hydra.utils.instantiate(OmegaConf.load(path), _convert_="all")
+    assert isinstance(method, AutoPrompt) and method.init_token == " the"

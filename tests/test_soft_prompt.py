@@ -185,3 +185,16 @@ def test_training_lowers_the_label_loss_of_a_tiny_random_llama(encoder):
     final = method._forward(state.params)[0]
     assert nll(task, lm, final) < nll(task, lm, method.best(start).embeddings) - 1.0
     assert len(method.best(state).nearest) == 4 and all(isinstance(w, str) for w in method.best(state).nearest)
+
+
+@pytest.mark.parametrize(("name", "encoder"), [("soft_prompt", "none"), ("p_tuning", "mlp")])
+def test_yamls_instantiate_with_every_key_a_constructor_argument(name, encoder):
+    from pathlib import Path
+
+    import hydra.utils
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / f"conf/method/{name}.yaml"
+    assert path.read_text().startswith(f"# python -m pipelines.run method={name}")
+    method = hydra.utils.instantiate(OmegaConf.load(path), _convert_="all")
+    assert isinstance(method, SoftPromptTuning) and method.encoder == encoder and method.eps == 1e-8
