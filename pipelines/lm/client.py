@@ -1,0 +1,110 @@
+"""The trial-side LM: satisfies ``methods.lm.LM`` over a pool of shared Ray actors.
+
+Each call shards its batch across the replicas, submits every shard, and waits once
+(one ``ray.get``). It also counts what this trial used, so results can report calls and
+tokens per trial even though the model is shared by the whole sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+
+@dataclass
+class Usage:
+    """What one trial asked of one LM role."""
+
+    calls: int = 0
+    requests: int = 0
+    tokens: int = 0
+
+    def as_dict(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_{k}": float(v) for k, v in vars(self).items()}
+
+
+def shards(n: int, k: int) -> list[slice]:
+    """``k`` contiguous, nearly equal slices of ``range(n)`` (empty ones dropped).
+
+    Contiguous rather than strided: requests that share a context or a prompt prefix sit
+    next to each other, and the backend's prefix reuse only helps within one shard.
+    """
+    bounds = np.linspace(0, n, min(k, n) + 1).astype(int) if n else [0]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+@dataclass
+class RayLM:
+    """An ``LM`` whose work runs on ``handles`` (LMActor replicas).
+
+    Args:
+        handles: the replicas; shards go to them in order.
+        usage: counters, updated by every call.
+    """
+
+    handles: list
+    usage: Usage = field(default_factory=Usage)
+    _embeddings: np.ndarray | None = field(default=None, repr=False)
+
+    def _gather(self, refs: list) -> list:
+        outs = ray.get(refs)
+        self.usage.calls += 1
+        self.usage.tokens += sum(o["tokens"] for o in outs)
+        return [o["result"] for o in outs]
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], prompt=None) -> np.ndarray:
+        requests = list(requests)
+        self.usage.requests += len(requests)
+        if not requests:
+            return np.zeros(0)
+        per = isinstance(prompt, (list, tuple))
+        parts = shards(len(requests), len(self.handles))
+        refs = [
+            h.loglikelihood.remote(requests[s], list(prompt[s]) if per else prompt)
+            for h, s in zip(self.handles, parts)
+        ]
+        return np.concatenate([np.asarray(r, dtype=np.float64) for r in self._gather(refs)])
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        contexts = list(contexts)
+        self.usage.requests += len(contexts) * n
+        if not contexts:
+            return []
+        parts = shards(len(contexts), len(self.handles))
+        # Each shard gets its own seed derived from the caller's; the shard layout depends only
+        # on the batch size and the replica count, so a run with the same pool is reproducible.
+        refs = [
+            h.generate.remote(
+                contexts[s], max_new_tokens=max_new_tokens, temperature=temperature, n=n,
+                seed=None if seed is None else seed + 7919 * i, stop=tuple(stop),
+            )
+            for i, (h, s) in enumerate(zip(self.handles, parts))
+        ]
+        return [row for out in self._gather(refs) for row in out]
+
+    def prompt_grad(self, requests, prompt):
+        requests = list(requests)
+        self.usage.requests += len(requests)
+        parts = shards(len(requests), len(self.handles))
+        refs = [h.prompt_grad.remote(requests[s], prompt) for h, s in zip(self.handles, parts)]
+        outs = self._gather(refs)
+        # Each shard returns a mean over its requests; weight by shard size for the global mean.
+        weights = np.array([s.stop - s.start for s in parts], dtype=np.float64) / len(requests)
+        loss = float(sum(w * o[0] for w, o in zip(weights, outs)))
+        grad = sum(w * np.asarray(o[1], dtype=np.float32) for w, o in zip(weights, outs))
+        return loss, np.asarray(grad, dtype=np.float32)
+
+    def token_embeddings(self) -> np.ndarray:
+        # Cached: the matrix is large (vocab x d) and frozen, and gradient methods ask every step.
+        if self._embeddings is None:
+            self._embeddings = ray.get(self.handles[0].token_embeddings.remote())
+        return self._embeddings
+
+    def tokenize(self, text: str) -> list[int]:
+        return ray.get(self.handles[0].tokenize_many.remote([text]))[0]
+
+    def decode(self, ids) -> str:
+        return ray.get(self.handles[0].decode.remote(list(ids)))

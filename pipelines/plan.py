@@ -1,0 +1,77 @@
+"""Turn the resolved config into plain trial specs and a Tune search space.
+
+Everything a trial needs travels as plain data (dicts of ``_target_`` plus arguments), so
+trials are picklable, resumable and independent of Hydra at run time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys whose values are credentials; "max_batch_tokens" or "api_key_env" (a variable's name) are not.
+SECRET_KEY = re.compile(r"(^|_)(api_?key|access_?token|auth_?token|token|secret|password|authorization)$", re.IGNORECASE)
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a plain config with every secret-looking value replaced by ``***``."""
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def method_config(name: str, cfg: DictConfig, search_dirs: list[Path], chosen: str | None) -> dict:
+    """The constructor config of method ``name``: the composed one if it is the chosen method
+    (so command-line overrides apply), else its YAML from the config search path."""
+    if name == chosen:
+        base = OmegaConf.to_container(cfg.method, resolve=True)
+    else:
+        path = next((d / "method" / f"{name}.yaml" for d in search_dirs if (d / "method" / f"{name}.yaml").exists()), None)
+        if path is None:
+            known = sorted({p.stem for d in search_dirs for p in (d / "method").glob("*.yaml")})
+            raise UserError(f"unknown method {name!r}; known methods: {', '.join(known)}")
+        base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    overrides = OmegaConf.to_container(cfg.search.method_overrides, resolve=True).get(name, {})
+    return {**base, **overrides}
+
+
+def trial_specs(cfg: DictConfig, search_dirs: list[Path], choices: dict) -> list[dict]:
+    """One spec per (method, seed): the grid Tune expands. ``choices`` are Hydra's group choices."""
+    methods = list(dict.fromkeys(cfg.search.methods))
+    if not methods:
+        raise UserError("search.methods is empty: name at least one method")
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    task_name = choices.get("task") or "task"
+    configs = {m: method_config(m, cfg, search_dirs, choices.get("method")) for m in methods}
+    return [
+        {"method_name": m, "method": configs[m], "task_name": task_name, "task": task, "seed": int(s)}
+        for m, s in itertools.product(methods, cfg.search.seeds)
+    ]
+
+
+def sample_space(params: dict) -> dict:
+    """Tune domains from ``{method: {arg: {kind: args}}}``, e.g. ``{"lr": {"loguniform": [1e-3, 1e-1]}}``."""
+    from ray import tune
+
+    kinds = {
+        "uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
+        "choice": lambda *xs: tune.choice(list(xs)), "grid": lambda *xs: tune.grid_search(list(xs)),
+    }
+    space: dict = {}
+    for method, args in params.items():
+        for arg, dist in args.items():
+            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in kinds:
+                raise UserError(f"search.params.{method}.{arg}: expected one of {sorted(kinds)} with a list of arguments")
+            kind, values = next(iter(dist.items()))
+            space.setdefault(method, {})[arg] = kinds[kind](*values)
+    return space

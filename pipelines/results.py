@@ -1,0 +1,87 @@
+"""The run directory: append-only evaluation logs, per-trial results, and the summary.
+
+Layout::
+
+    RUN_DIR/config.yaml              resolved config, secrets redacted
+    RUN_DIR/evaluations/<trial>.jsonl every candidate scored, written as it happens
+    RUN_DIR/trials/<trial>.json      one trial's final result (written once, atomically)
+    RUN_DIR/summary.json             every trial's result, plus failures
+    RUN_DIR/evaluations.jsonl        all evaluation logs merged, after the sweep
+
+A crash loses at most the step in flight: each record is one ``write`` of one line
+to a file opened for appending, and a resumed trial first drops records newer than its
+checkpoint so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temp file + rename): readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a torn last line (crash mid-write) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class EvalLog:
+    """One trial's append-only evaluation log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            for rec in records:
+                os.write(fd, (json.dumps(rec, default=str) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop records of steps after ``step`` (work a checkpoint does not cover); returns how many."""
+        records = read_jsonl(self.path)
+        keep = [r for r in records if r.get("step", 0) <= step]
+        if len(keep) != len(records):
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in keep))
+            os.replace(tmp, self.path)
+        return len(records) - len(keep)
+
+
+def merge_evaluations(run_dir: Path) -> int:
+    """Concatenate every trial's log into ``evaluations.jsonl``; returns the record count."""
+    records = [r for p in sorted((run_dir / "evaluations").glob("*.jsonl")) for r in read_jsonl(p)]
+    tmp = run_dir / ".evaluations.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    os.replace(tmp, run_dir / "evaluations.jsonl")
+    return len(records)
+
+
+def trial_results(run_dir: Path) -> list[dict]:
+    """Every finished trial's result, ordered by method, task and seed."""
+    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "trials").glob("*.json"))]
+    return sorted(rows, key=lambda r: (r.get("task", ""), r.get("method", ""), r.get("seed", 0)))

@@ -1,0 +1,49 @@
+"""The comparison table printed at the end of a sweep."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+COLUMNS = ("method", "seed", "best prompt", "dev", "test", "LM calls", "tokens", "wall s")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _prompt(text: str, width: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def table_rows(rows: Sequence[dict]) -> list[tuple[str, ...]]:
+    """One printable row per trial: LM calls and tokens add the scorer's and the proposer's."""
+    out = []
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append((r["method"], str(r["seed"]), f"FAILED: {_prompt(r.get('error', ''), 70)}", "-", "-", "-", "-", "-"))
+            continue
+        calls = int(r.get("scorer_calls", 0) + r.get("proposer_calls", 0))
+        tokens = int(r.get("scorer_tokens", 0) + r.get("proposer_tokens", 0))
+        out.append((
+            r["method"], str(r["seed"]), _prompt(r["best_prompt"]), _fmt(r.get("dev_score")),
+            _fmt(r.get("test_score")), str(calls), f"{tokens:,}", f"{r.get('wall_s', 0):.0f}",
+        ))
+    return out
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    body = table_rows(rows)
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(COLUMNS)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def print_table(rows: Sequence[dict], run_dir: Path, wall_s: float) -> None:
+    tasks = sorted({r.get("task", "?") for r in rows})
+    n_test = {r.get("n_test") for r in rows if r.get("n_test")}
+    print(f"\n== promptsweep: {', '.join(tasks)} (test n={'/'.join(map(str, n_test)) or '?'}) ==")
+    print(format_table(rows))
+    print(f"\nrun directory: {run_dir}\nsweep wall time: {wall_s:.0f}s", flush=True)

@@ -1,0 +1,171 @@
+"""One Tune trial: build the task and method from plain config, loop ``step``, report, checkpoint.
+
+The trial loads no model: it looks up the sweep's shared LM actor pools by name. Its
+state, RNG and usage counters are pickled into a Tune checkpoint after every step, so a
+restarted trial continues from its last step, and its evaluation log is trimmed back to
+that step first.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import numpy as np
+from ray import tune
+
+from methods.evaluate import predict
+from methods.lm import TextPrompt
+from pipelines.lm.client import RayLM, Usage
+from pipelines.lm.pool import connect
+from pipelines.results import EvalLog, write_json
+from tasks.core import Task
+
+CHECKPOINT_FILE = "trial.pkl"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares (passed with ``tune.with_parameters``).
+
+    Attributes:
+        run_dir: absolute path of the run directory.
+        namespace: Ray namespace holding the LM actors.
+        scorer, proposer: ``(pool role, replicas)`` serving each LM role.
+        models: model names for the results, by role.
+        max_steps: cap on method steps per trial.
+    """
+
+    run_dir: str
+    namespace: str
+    scorer: tuple[str, int]
+    proposer: tuple[str, int]
+    models: dict
+    max_steps: int
+
+
+@functools.lru_cache(maxsize=8)
+def _task(task_json: str) -> Task:
+    # Trials of the same task in one worker process parse the data once.
+    return hydra.utils.instantiate(json.loads(task_json), _convert_="all")
+
+
+def build(spec: dict) -> tuple[Task, Any]:
+    """The trial's task and method, from its plain config."""
+    task = _task(json.dumps(spec["task"], sort_keys=True))
+    return task, hydra.utils.instantiate(spec["method"], _convert_="all")
+
+
+def apply_samples(spec: dict, sample: dict) -> dict:
+    """Merge Tune-sampled hyperparameters for this trial's method into its method config."""
+    overrides = sample.get(spec["method_name"], {}) if sample else {}
+    return {**spec, "method": {**spec["method"], **overrides}, "sampled": overrides}
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune function trainable: the whole life of one (method, task, seed, params) trial."""
+    spec = apply_samples(config["trial"], config.get("sample", {}))
+    task, method = build(spec)
+    scorer = RayLM(connect(ctx.scorer[0], ctx.scorer[1], ctx.namespace))
+    proposer = RayLM(connect(ctx.proposer[0], ctx.proposer[1], ctx.namespace))
+    trial_id = tune.get_context().get_trial_id()
+    log = EvalLog(Path(ctx.run_dir) / "evaluations" / f"{trial_id}.jsonl")
+    run = _restore(log, scorer, proposer) or _fresh(method, task, scorer, proposer, spec["seed"])
+    while run["step"] < ctx.max_steps and not method.done(run["state"]):
+        start = time.perf_counter()
+        run["state"], report = method.step(run["state"], task, scorer, proposer, run["rng"])
+        run["step"] += 1
+        run["elapsed"] += time.perf_counter() - start
+        run["dev_score"] = float(report.metrics.get("dev_score", float("nan")))
+        log.append(_records(spec, trial_id, run["step"], report, scorer))
+        metrics = {**report.metrics, **_usage(run, scorer, proposer)}
+        _progress(spec, run, metrics)
+        _report_with_checkpoint(metrics, run, scorer, proposer)
+    _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
+
+
+def _progress(spec: dict, run: dict, metrics: dict) -> None:
+    print(
+        f"[{spec['method_name']} seed={spec['seed']}] step {run['step']}: dev_score={metrics.get('dev_score', float('nan')):.3f} "
+        f"scorer_calls={int(metrics['scorer_calls'])} ({run['elapsed']:.0f}s)", flush=True,
+    )
+
+
+def _fresh(method, task, scorer, proposer, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    state = method.init(task, scorer, proposer, rng)
+    return {"state": state, "rng": rng, "step": 0, "elapsed": time.perf_counter() - start}
+
+
+def _restore(log: EvalLog, scorer: RayLM, proposer: RayLM) -> dict | None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        run = pickle.loads((Path(d) / CHECKPOINT_FILE).read_bytes())
+    scorer.usage, proposer.usage = run.pop("scorer_usage"), run.pop("proposer_usage")
+    dropped = log.truncate_after(run["step"])
+    print(f"[promptsweep] resumed at step {run['step']} (dropped {dropped} uncheckpointed records)", flush=True)
+    return run
+
+
+def _records(spec: dict, trial_id: str, step: int, report, scorer: RayLM) -> list[dict]:
+    base = {"trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"], "step": step}
+    return [
+        {**base, "idx": i, "prompt": e.prompt, "score": e.score, "n": e.n, "kind": e.kind,
+         "scorer_calls": scorer.usage.calls, "time": time.time()}
+        for i, e in enumerate(report.evaluated)
+    ]
+
+
+def _usage(run: dict, scorer: RayLM, proposer: RayLM) -> dict[str, float]:
+    return {
+        "step": float(run["step"]), "wall_s": run["elapsed"],
+        **scorer.usage.as_dict("scorer"), **proposer.usage.as_dict("proposer"),
+    }
+
+
+def _report_with_checkpoint(metrics: dict, run: dict, scorer: RayLM, proposer: RayLM) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        blob = {**run, "scorer_usage": scorer.usage, "proposer_usage": proposer.usage}
+        (Path(d) / CHECKPOINT_FILE).write_bytes(pickle.dumps(blob))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, run: dict, scorer, proposer) -> None:
+    """Score the final best prompt on test (the only time test data is touched) and record it."""
+    start = time.perf_counter()
+    best = method.best(run["state"])
+    preds = predict(task, best, task.test, scorer)
+    run["elapsed"] += time.perf_counter() - start
+    result = {
+        "trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"],
+        "scorer_model": ctx.models.get("scorer", ""), "proposer_model": ctx.models.get("proposer", ""),
+        "params": spec.get("sampled", {}), "prompt_kind": type(best).__name__,
+        "best_prompt": best.describe(), "dev_score": run.get("dev_score", float("nan")),
+        "test_score": task.score(preds, task.test), "test_groups": _groups(task, preds),
+        "n_test": len(task.test), "steps": run["step"], **_usage(run, scorer, proposer),
+    }
+    if not isinstance(best, TextPrompt):
+        result["prompt_tokens"] = list(getattr(best, "ids", ()))
+    write_json(Path(ctx.run_dir) / "trials" / f"{trial_id}.json", result)
+    print(f"[{spec['method_name']} seed={spec['seed']}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
+          f"test examples ({run['elapsed']:.0f}s)", flush=True)
+    tune.report({"test_score": result["test_score"], "dev_score": result["dev_score"], **_usage(run, scorer, proposer)})
+
+
+def _groups(task: Task, preds: np.ndarray) -> dict[str, float]:
+    groups = sorted({ex.group for ex in task.test if ex.group})
+    out = {}
+    for g in groups:
+        idx = [i for i, ex in enumerate(task.test) if ex.group == g]
+        out[g] = task.score(preds[idx], [task.test[i] for i in idx])
+    return out

@@ -1,0 +1,39 @@
+"""W&B logging from the driver: one run per sweep, with tables of every candidate and the comparison.
+
+Offline by default (no network or key needed; ``wandb sync`` uploads later). Only the
+redacted config is logged; API keys never reach W&B.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipelines.results import read_jsonl
+
+EVAL_COLUMNS = ["method", "seed", "step", "kind", "prompt", "score", "n", "scorer_calls"]
+SUMMARY_COLUMNS = ["method", "task", "seed", "prompt_kind", "best_prompt", "dev_score", "test_score",
+                   "scorer_calls", "scorer_tokens", "proposer_calls", "wall_s", "status"]
+
+
+def log_run(cfg: dict, rows: list[dict], run_dir: Path) -> None:
+    """Log the sweep's evaluations and summary as W&B tables (offline unless configured)."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logger = cfg["logger"]
+    run = wandb.init(
+        project=logger["project"], entity=logger.get("entity"), mode=logger["mode"], dir=str(run_dir),
+        name=run_dir.name, config=cfg, job_type="sweep", reinit="finish_previous",
+    )
+    try:
+        evals = read_jsonl(run_dir / "evaluations.jsonl")
+        run.log({
+            "candidates": wandb.Table(columns=EVAL_COLUMNS, data=[[e.get(c) for c in EVAL_COLUMNS] for e in evals]),
+            "comparison": wandb.Table(columns=SUMMARY_COLUMNS, data=[[r.get(c) for c in SUMMARY_COLUMNS] for r in rows]),
+        })
+        for r in rows:
+            if r.get("status") == "ok":
+                run.summary[f"{r['method']}/seed{r['seed']}/test_score"] = r["test_score"]
+    finally:
+        run.finish()
