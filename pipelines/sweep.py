@@ -140,8 +140,12 @@ def finish(cfg: dict, rows: list[dict], run_dir: Path, wall_s: float) -> None:
     """Summary file, merged evaluation log, W&B tables, and the table on stdout."""
     n_records = merge_evaluations(run_dir)
     write_json(run_dir / "summary.json", {"trials": rows, "wall_s": wall_s, "evaluations": n_records})
+    from pipelines.report import write_report
+
+    report = write_report(run_dir)
     if cfg["logger"]["enabled"]:
         from pipelines.wandb_log import log_run
 
         log_run(redact(cfg), rows, run_dir)
     print_table(rows, run_dir, wall_s)
+    print(f"report: {report}", flush=True)

@@ -32,6 +32,10 @@ def log_run(cfg: dict, rows: list[dict], run_dir: Path) -> None:
             "candidates": wandb.Table(columns=EVAL_COLUMNS, data=[[e.get(c) for c in EVAL_COLUMNS] for e in evals]),
             "comparison": wandb.Table(columns=SUMMARY_COLUMNS, data=[[r.get(c) for c in SUMMARY_COLUMNS] for r in rows]),
         })
+        from pipelines.report import plot_paths, report_tables
+
+        run.log({f"report/{name}": wandb.Table(dataframe=df.reset_index()) for name, df in report_tables(run_dir).items()})
+        run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in plot_paths(run_dir)})
         for r in rows:
             if r.get("status") == "ok":
                 run.summary[f"{r['method']}/seed{r['seed']}/test_score"] = r["test_score"]
