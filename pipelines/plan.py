@@ -42,7 +42,9 @@ def method_config(name: str, cfg: DictConfig, search_dirs: list[Path], chosen: s
             raise UserError(f"unknown method {name!r}; known methods: {', '.join(known)}")
         base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     overrides = OmegaConf.to_container(cfg.search.method_overrides, resolve=True).get(name, {})
-    return {**base, **overrides}
+    merged = {**base, **overrides}
+    check_arguments(merged["_target_"], {k: v for k, v in merged.items() if k != "_target_"})
+    return merged
 
 
 def trial_specs(cfg: DictConfig, search_dirs: list[Path], choices: dict) -> list[dict]:
@@ -75,3 +77,50 @@ def sample_space(params: dict) -> dict:
             kind, values = next(iter(dist.items()))
             space.setdefault(method, {})[arg] = kinds[kind](*values)
     return space
+
+
+GROUP_OVERRIDE = re.compile(r"^\+?(task|method|search|resources|logger|experiment|model@lm\.(?:scorer|proposer))=(.+)$")
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> None:
+    """Fail with one line on an unknown group choice (``task=nope``) before Hydra prints a page."""
+    for arg in argv:
+        m = GROUP_OVERRIDE.match(arg)
+        if not m or m.group(2) in ("null", ""):
+            continue
+        group, choice = m.group(1).split("@")[0], m.group(2)
+        if not (conf_dir / group / f"{choice}.yaml").exists():
+            known = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+            raise UserError(f"unknown {group} {choice!r}; known: {', '.join(known)}")
+
+
+def check_arguments(target: str, kwargs: dict) -> None:
+    """Unknown constructor arguments and plainly wrong scalar types fail before any work starts.
+
+    Hydra would only fail inside a trial, after Ray and the model are up; a frozen dataclass
+    would even accept ``n_prompts="abc"`` and fail much later.
+    """
+    import importlib
+    import inspect
+    import typing
+
+    module, _, name = target.rpartition(".")
+    obj = getattr(importlib.import_module(module), name)
+    params = inspect.signature(obj).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise UserError(f"{name}: unknown argument(s) {unknown}; expected some of {sorted(params)}")
+    hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    for key, value in kwargs.items():
+        expected = hints.get(key)
+        if expected in (int, float, bool, str) and not _fits(value, expected):
+            raise UserError(f"{name}: argument {key}={value!r} should be {expected.__name__}")
+
+
+def _fits(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)

@@ -8,17 +8,16 @@ comparison table. Bad input exits with status 2 and one line on stderr.
 
 from __future__ import annotations
 
-import os
+import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.plan import UserError, redact, sample_space, trial_specs
+from pipelines.plan import UserError, check_arguments, check_group_choices, sample_space, trial_specs
 
 REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -64,6 +63,9 @@ def main_impl(cfg: DictConfig) -> int:
     run_dir = Path(cfg.resume or HydraConfig.get().runtime.output_dir).resolve()
     specs = trial_specs(cfg, search_dirs(), choices)
     space = sample_space(OmegaConf.to_container(cfg.search.params, resolve=True))
+    for role in ("scorer", "proposer"):
+        model = OmegaConf.to_container(cfg.lm[role], resolve=True)
+        check_arguments(model.pop("_target_"), model)
     validate(specs)
     plain = OmegaConf.to_container(cfg, resolve=True)
     n = len(specs) * int(cfg.search.num_samples)
@@ -75,12 +77,24 @@ def main_impl(cfg: DictConfig) -> int:
     return 0 if rows and all(r.get("status") == "ok" for r in rows) else 1
 
 
+HYDRA_ONLY = {".hydra", "run.log", "config.json"}
+
+
+def drop_unused_run_dir() -> None:
+    """Remove the run directory Hydra made if the run failed before writing any result."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_ONLY:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> int:
     try:
         status = main_impl(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        if not cfg.resume:
+            drop_unused_run_dir()
         sys.exit(2)
     if status:
         sys.exit(status)
@@ -88,5 +102,9 @@ def main(cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    try:
+        check_group_choices(sys.argv[1:], REPO_CONF)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

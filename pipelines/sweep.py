@@ -9,7 +9,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from pipelines.lm.pool import PoolSpec, start_pool
+from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
 from pipelines.plan import UserError, redact
 from pipelines.results import merge_evaluations, trial_results, write_json
 from pipelines.summary import print_table
@@ -68,7 +68,10 @@ def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict)
     try:
         pools = pool_specs(cfg)
         # Held for the whole sweep: an actor whose last handle is dropped is killed.
-        handles = [start_pool(p, namespace) for p in pools]  # noqa: F841
+        try:
+            handles = [start_pool(p, namespace) for p in pools]  # noqa: F841
+        except ModelStartError as err:
+            raise UserError(str(err)) from err
         ctx = TrialContext(
             run_dir=str(run_dir), namespace=namespace, scorer=_serving(pools[0]), proposer=_serving(pools[1]),
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},

@@ -19,10 +19,11 @@ from typing import Any
 
 import hydra.utils
 import numpy as np
+import ray
 from ray import tune
 
 from methods.evaluate import predict
-from methods.lm import TextPrompt
+from methods.lm import SoftPrompt, TokenPrompt
 from pipelines.lm.client import RayLM, Usage
 from pipelines.lm.pool import connect
 from pipelines.results import EvalLog, write_json
@@ -154,8 +155,11 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         "test_score": task.score(preds, task.test), "test_groups": _groups(task, preds),
         "n_test": len(task.test), "steps": run["step"], **_usage(run, scorer, proposer),
     }
-    if not isinstance(best, TextPrompt):
-        result["prompt_tokens"] = list(getattr(best, "ids", ()))
+    if isinstance(best, TokenPrompt):
+        result["prompt_tokens"] = list(best.ids)
+    if isinstance(best, SoftPrompt):
+        out = Path(ctx.run_dir) / "artifacts" / trial_id / "soft_prompt"
+        result["artifact"] = ray.get(scorer.handles[0].export_soft_prompt.remote(best.embeddings, str(out)))
     write_json(Path(ctx.run_dir) / "trials" / f"{trial_id}.json", result)
     print(f"[{spec['method_name']} seed={spec['seed']}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
           f"test examples ({run['elapsed']:.0f}s)", flush=True)

@@ -109,6 +109,15 @@ class LMActor:
     async def decode(self, ids: list) -> str:
         return await self._run(self._backend.decode, ids)
 
+    async def export_soft_prompt(self, embeddings, out_dir: str) -> str:
+        """Save a soft prompt as a PEFT adapter of this actor's model (no second model copy)."""
+        from pipelines.peft_export import save_soft_prompt
+
+        model = getattr(self._backend, "model", None)
+        if model is None:
+            raise TypeError(f"{type(self._backend).__name__} holds no torch model to export against")
+        return str(await self._run(save_soft_prompt, model, embeddings, out_dir))
+
     def stats(self) -> dict:
         """Calls, requests, merged batches and busy seconds since the actor started."""
         return dict(self._stats)

@@ -36,6 +36,17 @@ class PoolSpec:
     shared_with: str = ""
 
 
+class ModelStartError(RuntimeError):
+    """An LM actor died while loading its model; the message names the root cause."""
+
+
+def _last_error_line(err: BaseException) -> str:
+    """The innermost error line of a remote traceback (e.g. ``ModelLoadError("model path ...")``)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if "Error(" in ln or "Error:" in ln]
+    return (causes or lines or [type(err).__name__])[-1][:300]
+
+
 def actor_name(role: str, i: int) -> str:
     return f"lm-{role}-{i}"
 
@@ -54,7 +65,10 @@ def start_pool(spec: PoolSpec, namespace: str, timeout_s: float = 900.0) -> list
         for i in range(spec.replicas)
     ]
     start = time.perf_counter()
-    ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+    try:
+        ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+    except ray.exceptions.ActorDiedError as err:
+        raise ModelStartError(f"{spec.role} model failed to load: {_last_error_line(err)}") from err
     print(f"[promptsweep] {spec.role}: {spec.replicas} replica(s) loaded in {time.perf_counter() - start:.1f}s", flush=True)
     return handles
 
