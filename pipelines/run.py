@@ -67,6 +67,7 @@ def main_impl(cfg: DictConfig) -> int:
         model = OmegaConf.to_container(cfg.lm[role], resolve=True)
         check_arguments(model.pop("_target_"), model)
     validate(specs)
+    sweep.scheduler(cfg.search.scheduler)
     plain = OmegaConf.to_container(cfg, resolve=True)
     n = len(specs) * int(cfg.search.num_samples)
     print(f"[promptsweep] {n} trial(s): methods={[s for s in cfg.search.methods]} task={specs[0]['task_name']} "

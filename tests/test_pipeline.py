@@ -1,0 +1,83 @@
+"""End to end through Hydra, Ray and Tune on a tiny random model: the spine works as a whole."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.results import read_jsonl
+from tests.conftest import run_cli
+
+TINY = ["model@lm.scorer=tiny", "model@lm.proposer=tiny", "task.n_train=20", "task.n_dev=16", "task.n_test=24"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, data_dir):
+    """One small sweep (manual vs APE, two seeds) whose outputs several tests read."""
+    run_dir = tmp_path_factory.mktemp("run")
+    proc = run_cli(*TINY, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", "search.seeds=[0,1]",
+                   "method.n_prompts=3", "method.n_eval=8", "method.rounds=1", "logger=wandb",
+                   env={"WANDB_API_KEY": "secret-key-do-not-log"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_every_trial_finishes_and_the_table_is_printed(sweep):
+    run_dir, proc = sweep
+    rows = json.loads((run_dir / "summary.json").read_text())["trials"]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("ape", 0), ("ape", 1), ("manual", 0), ("manual", 1)]
+    assert all(r["status"] == "ok" and r["n_test"] == 24 and 0 <= r["test_score"] <= 1 for r in rows)
+    assert "best prompt" in proc.stdout and f"run directory: {run_dir}" in proc.stdout
+    assert (run_dir / "report.md").exists()
+
+
+def test_evaluation_log_matches_what_the_methods_scored(sweep):
+    run_dir, _ = sweep
+    records = read_jsonl(run_dir / "evaluations.jsonl")
+    rows = {r["trial"]: r for r in json.loads((run_dir / "summary.json").read_text())["trials"]}
+    for trial, row in rows.items():
+        mine = [r for r in records if r["trial"] == trial]
+        assert mine, f"no evaluations logged for {trial}"
+        keys = [(r["step"], r["idx"]) for r in mine]
+        assert len(keys) == len(set(keys)), "duplicated evaluation records"
+        assert max(r["score"] for r in mine) == pytest.approx(row["dev_score"])
+        assert max(r["step"] for r in mine) == row["steps"]
+    manual = [r for r in rows.values() if r["method"] == "manual"]
+    # manual scores one prompt in one call; plus the one test call at the end
+    assert all(r["scorer_calls"] == 2 and r["proposer_calls"] == 0 for r in manual)
+
+
+def test_one_shared_model_served_every_trial(sweep):
+    run_dir, proc = sweep
+    assert proc.stdout.count("replica(s) loaded") == 1  # proposer shares the scorer's actors
+    assert not list((run_dir / "tune").glob("*/model*"))
+
+
+def test_secrets_never_reach_results_or_wandb(sweep):
+    run_dir, _ = sweep
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and b"secret-key-do-not-log" in p.read_bytes()]
+    assert not leaked
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run written"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["task=nope"], "unknown task 'nope'"),
+        (["method=nope"], "unknown method 'nope'"),
+        (["model@lm.scorer=nope"], "unknown model 'nope'"),
+        (["search.methods=[manual,nope]"], "unknown method 'nope'"),
+        (["data_dir=/nonexistent/data"], "data directory not found"),
+        (["method.n_prompts=abc"], "n_prompts='abc' should be int"),
+        (["search.methods=[]"], "search.methods is empty"),
+        (["search.scheduler=nope"], "unknown search.scheduler"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, "logger=none", f"hydra.run.dir={run_dir}", *([f"data_dir={data_dir}"] if "data_dir" not in args[0] else []), *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not run_dir.exists() or not (run_dir / "summary.json").exists()
