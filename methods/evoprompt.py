@@ -25,8 +25,21 @@ from methods.racing import fixed_dev
 from methods.text import clean_candidates, clean_one
 from tasks.core import Task
 
-# The paper's GA template with its one-shot demonstration (a neutral text-simplification
-# example, so no task's words leak into another task's prompts).
+# The one-shot demonstrations' prompts: a neutral text-simplification example, so no task's
+# words leak into another task's prompts. Small proposers tend to copy a demo's answer, so
+# children too close to any of these are dropped (see :func:`copies_demo`).
+DEMO = (
+    "Rewrite the input text into simpler text.",
+    "Rewrite my complex sentence in simpler terms, but keep the meaning.",
+    "Rewrite the complex text into simpler text while keeping its meaning.",
+    "Transform the provided text into simpler language, maintaining its essence.",
+    "Simplify the given text so that a child can understand it.",
+    "Make the sentence easier to read.",
+    "Simplify the given passage into plain words without changing its meaning, so that a child "
+    "can understand it.",
+    "Make the given passage easier to read, using plain words without changing its meaning.",
+)
+# The paper's GA template, after its demonstration.
 _GA_BODY = (
     "Please follow the instruction step-by-step to generate a better prompt.\n"
     "1. Cross over the following prompts and generate a new prompt:\n"
@@ -35,15 +48,12 @@ _GA_BODY = (
     "<prompt> and </prompt>.\n\n"
 )
 GA_TEMPLATE = (
-    _GA_BODY.format(
-        p1="Rewrite the input text into simpler text.",
-        p2="Rewrite my complex sentence in simpler terms, but keep the meaning.",
-    )
-    + "1. Crossover Prompt: Rewrite the complex text into simpler text while keeping its meaning.\n"
-    "2. <prompt>Transform the provided text into simpler language, maintaining its essence.</prompt>\n\n"
+    _GA_BODY.format(p1=DEMO[0], p2=DEMO[1])
+    + f"1. Crossover Prompt: {DEMO[2]}\n2. <prompt>{DEMO[3]}</prompt>\n\n"
     + _GA_BODY
     + "1. Crossover Prompt:"
 )
+# The paper's DE template, after a demonstration of the same form.
 _DE_BODY = (
     "Please follow the instruction step-by-step to generate a better prompt.\n"
     "1. Identify the different parts between the Prompt 1 and Prompt 2:\n"
@@ -55,19 +65,11 @@ _DE_BODY = (
     "prompt bracketed with <prompt> and </prompt>:\nBasic Prompt: {basic}\n\n"
 )
 DE_TEMPLATE = (
-    _DE_BODY.format(
-        p1="Rewrite the input text into simpler text.",
-        p2="Rewrite my complex sentence in simpler terms, but keep the meaning.",
-        p3="Simplify the given text so that a child can understand it.",
-        basic="Make the sentence easier to read.",
-    )
+    _DE_BODY.format(p1=DEMO[0], p2=DEMO[1], p3=DEMO[4], basic=DEMO[5])
     + "1. Different parts: \"input text\" vs \"my complex sentence\"; \"simpler text\" vs "
     "\"simpler terms, but keep the meaning\"\n"
     "2. Mutated parts: \"given passage\"; \"plain words without changing its meaning\"\n"
-    "3. New Prompt: Simplify the given passage into plain words without changing its meaning, so "
-    "that a child can understand it.\n"
-    "4. Final Prompt: <prompt>Make the given passage easier to read, using plain words without "
-    "changing its meaning.</prompt>\n\n"
+    f"3. New Prompt: {DEMO[6]}\n4. Final Prompt: <prompt>{DEMO[7]}</prompt>\n\n"
     + _DE_BODY
     + "1. Different parts:"
 )
@@ -91,6 +93,16 @@ def tagged(raw: str, open_tag: str = "<prompt>", close_tag: str = "</prompt>") -
     if not lines:
         return ""
     return _LABEL.sub("", lines[-1] if close_tag in raw else lines[0]).strip()
+
+
+def copies_demo(text: str, threshold: float = 0.6) -> bool:
+    """True if ``text`` shares at least ``threshold`` of its words (Jaccard) with a demo prompt."""
+    words = set(re.findall(r"\w+", text.lower()))
+    for demo in DEMO:
+        other = set(re.findall(r"\w+", demo.lower()))
+        if words and len(words & other) / len(words | other) >= threshold:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,7 @@ class EvoPrompt:
             seed=int(rng.integers(2**31)), stop=("</prompt>",),
         )
         children = [clean_one(tagged(o[0])) for o in outs]
+        children = ["" if copies_demo(c) else c for c in children]
         merge = self._ga_merge if self.variant == "ga" else self._de_merge
         population, evaluated, replaced = merge(state, children, task, scorer)
         new = replace(

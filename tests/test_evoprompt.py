@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from methods.evoprompt import EvoPrompt, EvoState, roulette_pairs, tagged
+from methods.evoprompt import DEMO, EvoPrompt, EvoState, copies_demo, roulette_pairs, tagged
 from tests.fakes import PlantedLM, planted_task, quality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,25 @@ def test_tagged_reads_the_final_prompt_robustly():
     assert tagged("1. Crossover Prompt: Mixed\n2. Final Prompt: Do it well</prompt>") == "Do it well"
     assert tagged("\n Prompt 1: Plain first line\nmore") == "Plain first line"
     assert tagged("<prompt></prompt>") == "" and tagged("") == ""
+
+
+class DemoCopier(TaggedLM):
+    """Answers every operator meta-prompt with (a near copy of) the demonstration's answer."""
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        if "</prompt>" not in stop:
+            return super().generate(contexts, max_new_tokens=max_new_tokens, n=n, seed=seed, stop=stop)
+        self.calls += 1
+        return [[f"x\n2. <prompt>{DEMO[3].replace(',', ' while')}</prompt>"] * n for _ in contexts]
+
+
+@pytest.mark.parametrize("variant", ["ga", "de"])
+def test_children_copying_the_demonstration_are_dropped_unscored(variant):
+    task, lm = planted_task(), DemoCopier()
+    method = EvoPrompt(variant=variant, pop_size=4)
+    state, reports = run(method, task, lm, steps=3)
+    assert reports[1].evaluated == () and reports[2].metrics["usable"] == reports[0].metrics["usable"]
+    assert copies_demo(DEMO[7]) and not copies_demo(task.instruction)
 
 
 @pytest.mark.parametrize("variant", ["ga", "de"])
