@@ -36,15 +36,25 @@ def method_config(name: str, cfg: DictConfig, search_dirs: list[Path], chosen: s
     if name == chosen:
         base = OmegaConf.to_container(cfg.method, resolve=True)
     else:
-        path = next((d / "method" / f"{name}.yaml" for d in search_dirs if (d / "method" / f"{name}.yaml").exists()), None)
-        if path is None:
-            known = sorted({p.stem for d in search_dirs for p in (d / "method").glob("*.yaml")})
-            raise UserError(f"unknown method {name!r}; known methods: {', '.join(known)}")
-        base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        base = _load_group_yaml("method", name, search_dirs)
     overrides = OmegaConf.to_container(cfg.search.method_overrides, resolve=True).get(name, {})
     merged = {**base, **overrides}
     check_arguments(merged["_target_"], {k: v for k, v in merged.items() if k != "_target_"})
     return merged
+
+
+def _load_group_yaml(group: str, name: str, search_dirs: list[Path]) -> dict:
+    """A group option's YAML as plain data, honouring a ``defaults`` list of sibling options
+    (``evoprompt_de.yaml`` is ``evoprompt`` with ``variant: de``)."""
+    path = next((d / group / f"{name}.yaml" for d in search_dirs if (d / group / f"{name}.yaml").exists()), None)
+    if path is None:
+        known = sorted({p.stem for d in search_dirs for p in (d / group).glob("*.yaml")})
+        raise UserError(f"unknown {group} {name!r}; known: {', '.join(known)}")
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    merged: dict = {}
+    for parent in own.pop("defaults", []):
+        merged.update(own if parent == "_self_" else _load_group_yaml(group, parent, search_dirs))
+    return {**merged, **own}
 
 
 def trial_specs(cfg: DictConfig, search_dirs: list[Path], choices: dict) -> list[dict]:

@@ -1,0 +1,58 @@
+"""Every experiment and the default config compose, and every method they name gets valid arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from pipelines.plan import UserError, check_arguments, trial_specs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def specs_of(cfg):
+    return trial_specs(cfg, [CONF], dict(cfg.hydra.runtime.choices))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_with_valid_method_arguments(experiment):
+    cfg = composed(f"+experiment={experiment}", "data_dir=/unused")
+    specs = specs_of(cfg)
+    assert specs and {s["method_name"] for s in specs} == set(cfg.search.methods)
+    first_line = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()[1]
+    assert first_line.startswith("# python -m pipelines.run +experiment="), "the YAML must start with its command"
+
+
+def test_default_sweep_is_manual_against_ape_on_sst2():
+    cfg = composed("data_dir=/unused")
+    assert [(s["method_name"], s["task_name"]) for s in specs_of(cfg)] == [("manual", "sst2"), ("ape", "sst2")]
+
+
+def test_method_overrides_reach_only_their_method():
+    cfg = composed("data_dir=/unused", "+search.method_overrides.ape.n_prompts=3")
+    by_name = {s["method_name"]: s["method"] for s in specs_of(cfg)}
+    assert by_name["ape"]["n_prompts"] == 3 and "n_prompts" not in by_name["manual"]
+
+
+def test_argument_checks_catch_wrong_names_and_types():
+    with pytest.raises(UserError, match="unknown argument"):
+        check_arguments("methods.ape.APE", {"n_promtps": 3})
+    with pytest.raises(UserError, match="should be float"):
+        check_arguments("methods.ape.APE", {"temperature": "hot"})
+    check_arguments("methods.ape.APE", {"temperature": 1})  # an int is a fine float
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
+def test_every_method_yaml_starts_with_its_command(method):
+    assert (CONF / "method" / f"{method}.yaml").read_text().startswith("# python -m pipelines.run")
