@@ -33,7 +33,8 @@ class HFBackend:
         dtype: parameter dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"``.
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda:0"``, ...
         engine: ``"torch"`` (plain eager PyTorch) or ``"deepspeed"`` (``deepspeed.init_inference``).
-        max_batch_tokens: padded tokens per forward batch (bounds activation memory).
+        max_batch_tokens: padded tokens per forward batch; ``0`` picks one for the device
+            (1024 on CPU, where activations that stay in cache beat bigger matmuls; 16384 on GPU).
         min_prefix: shortest shared token prefix worth caching; ``0`` disables prefix reuse.
         trust_remote_code: passed to ``from_pretrained`` for models with custom code.
         cache_dir: where the converted default model is kept (else ``$PROMPTSWEEP_CACHE``, else
@@ -48,7 +49,7 @@ class HFBackend:
         dtype: str = "float32",
         device: str = "auto",
         engine: str = "torch",
-        max_batch_tokens: int = 4096,
+        max_batch_tokens: int = 0,
         min_prefix: int = 8,
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
@@ -68,7 +69,7 @@ class HFBackend:
         tokenizer,
         device: str = "cpu",
         engine: str = "torch",
-        max_batch_tokens: int = 4096,
+        max_batch_tokens: int = 0,
         min_prefix: int = 8,
     ) -> HFBackend:
         """Wrap an already-built ``(model, tokenizer)`` pair (tests; models built in-process)."""
@@ -80,9 +81,10 @@ class HFBackend:
     def _setup(self, model, tokenizer, device, engine, max_batch_tokens, min_prefix, kernel_inject) -> None:
         if engine not in ("torch", "deepspeed"):
             raise ValueError(f"unknown engine {engine!r}; expected 'torch' or 'deepspeed'")
-        if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if max_batch_tokens < 0:
+            raise ValueError(f"max_batch_tokens must be >= 0 (0: automatic), got {max_batch_tokens}")
         self.device = loading.resolve_device(device)
+        max_batch_tokens = max_batch_tokens or (1024 if self.device.type == "cpu" else 16384)
         model = loading.freeze(model.to(self.device))
         if engine == "deepspeed":
             model = loading.init_deepspeed(model, model.dtype, kernel_inject)

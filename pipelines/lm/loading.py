@@ -172,3 +172,21 @@ def init_deepspeed(model: torch.nn.Module, dtype: torch.dtype, kernel_inject: bo
 
     engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=kernel_inject)
     return freeze(engine.module)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.lm.loading [smollm2] [--cache-dir DIR]``: convert and cache the default model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Convert the packaged GGUF model to a safetensors cache once.")
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=[DEFAULT_MODEL])
+    parser.add_argument("--cache-dir", default=None, help="default: $PROMPTSWEEP_CACHE or ~/.cache/promptsweep/models")
+    args = parser.parse_args(argv)
+    try:
+        print(default_model_dir(args.cache_dir))
+    except ModelLoadError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -223,20 +223,37 @@ def _close(rows: list[Row], prefix_len: int, groups: list[Group], loose: list[Ro
 
 
 def batches(
-    rows: Sequence[Row], start: int, max_tokens: int, length: Callable[[Row], int] | None = None
+    rows: Sequence[Row],
+    start: int,
+    max_tokens: int,
+    length: Callable[[Row], int] | None = None,
+    min_tokens: int = 256,
+    waste: float = 0.05,
 ) -> list[list[Row]]:
-    """Length-sorted batches whose padded size ``rows * longest`` stays within ``max_tokens``.
+    """Length-sorted batches: padded size ``rows * longest`` within ``max_tokens``, little padding.
+
+    A batch grows while it is smaller than ``min_tokens`` (below that the matmuls run
+    inefficiently) or while its padding stays under ``waste`` of its padded size, so rows of
+    very different lengths do not share a batch.
 
     Args:
         rows: rows of one group.
         start: the group's prefix length: rows run from key ``start`` on.
         max_tokens: padded-token budget per batch (a longer row still gets a batch of its own).
+        length: tokens a row costs (default: its keys after ``start``).
+        min_tokens: batches below this size accept any row that fits.
+        waste: largest fraction of padding tolerated above ``min_tokens``.
     """
     length = length or (lambda r: len(r.keys) - start)
     out: list[list[Row]] = []
+    real = 0
     for row in sorted(rows, key=length):
-        if out and (len(out[-1]) + 1) * length(row) <= max_tokens:
+        n = length(row)
+        padded = (len(out[-1]) + 1) * n if out else 0
+        if out and padded <= max_tokens and (padded <= min_tokens or real + n >= (1 - waste) * padded):
             out[-1].append(row)
+            real += n
         else:
             out.append([row])
+            real = n
     return out
