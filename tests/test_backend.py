@@ -211,6 +211,9 @@ def test_missing_model_path_is_a_one_line_error(tmp_path):
     with pytest.raises(ModelLoadError) as err:
         HFBackend(str(tmp_path / "no-such-model"), cache_dir=str(tmp_path))
     assert "does not exist" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ModelLoadError, match="cannot load model") as err:
+        HFBackend(str(tmp_path), cache_dir=str(tmp_path))  # a directory, but no model in it
+    assert "\n" not in str(err.value)
 
 
 def test_deepspeed_cpu_engine_matches_torch_engine():

@@ -117,22 +117,39 @@ def load_pretrained(
 ) -> tuple[torch.nn.Module, object]:
     """``(model, tokenizer)`` for a model name: ``"smollm2"``, a local directory or a hub id.
 
+    A hub id is looked up in the local Hugging Face cache first; only when it is missing
+    there (and ``HF_HUB_OFFLINE`` is not set) is it downloaded.
+
     Raises:
         ModelLoadError: nothing loadable under that name (offline: not in the local hub cache).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = str(default_model_dir(cache_dir)) if model == DEFAULT_MODEL else model
     if _looks_like_path(source) and not Path(source).expanduser().exists():
         raise ModelLoadError(f"model path {source!r} does not exist")
-    kwargs = {"trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source), **kwargs)
+        return _from_pretrained(source, dtype, trust_remote_code, local_only=True)
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot load model {model!r}: {first}") from err
+        if Path(source).expanduser().exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            raise _load_error(model, err) from err
+    try:  # a hub id not in the local cache: download (without network this retries for a while)
+        return _from_pretrained(source, dtype, trust_remote_code, local_only=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(model, err) from err
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source), **kwargs)
     return lm, tokenizer
+
+
+def _load_error(model: str, err: Exception) -> ModelLoadError:
+    """The first line of a loader's (often multi-line) message, naming the model."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(f"cannot load model {model!r}: {first}")
 
 
 def _looks_like_path(name: str) -> bool:
