@@ -15,7 +15,7 @@ import torch
 from methods.lm import LM, PROMPT_SLOT, SoftPrompt, TokenPrompt
 from pipelines.lm.backend import HFBackend
 from pipelines.lm.loading import ModelLoadError
-from pipelines.lm.splice import Row, batches, build_rows, plan_groups
+from pipelines.lm.splice import Row, batches, build_rows, plan_groups, suffix_length
 from tests.tiny import tiny_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,7 +260,7 @@ def test_groups_cover_every_row_once_and_targets_stay_in_suffixes():
     for g in groups:
         assert all(r.keys[: g.prefix_len] == g.rows[0].keys[: g.prefix_len] for r in g.rows)
         assert all(r.first_target() >= g.prefix_len for r in g.rows)
-        for batch in batches(g.rows, g.prefix_len, 40):
+        for batch in batches(g.rows, suffix_length(g.prefix_len), 40):
             assert len(batch) == 1 or len(batch) * max(len(r.keys) - g.prefix_len for r in batch) <= 40
 
 

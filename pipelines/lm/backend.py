@@ -19,7 +19,17 @@ from transformers import DynamicCache
 
 from methods.lm import SoftPrompt, SplicedPrompt, TokenPrompt
 from pipelines.lm import loading
-from pipelines.lm.splice import Encoder, Group, Row, batches, build_rows, encode_requests, normalize_prompts, plan_groups
+from pipelines.lm.splice import (
+    Encoder,
+    Group,
+    Row,
+    batches,
+    build_rows,
+    encode_requests,
+    normalize_prompts,
+    plan_groups,
+    suffix_length,
+)
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -133,13 +143,15 @@ class HFBackend:
         if isinstance(prompt, TokenPrompt):  # trigger tokens become soft vectors equal to their embeddings
             prompt = SoftPrompt(self.embed.weight[list(prompt.ids)].detach().double().cpu().numpy())
         self._count(len(requests))
+        if not requests:
+            return 0.0, np.zeros(np.shape(prompt.embeddings), dtype=np.float32)
         contexts, conts, table = encode_requests(self.encoder, requests, [prompt] * len(requests))
         leaf = self._soft(table.array()).requires_grad_(True)
         total = 0.0
         with torch.enable_grad():
-            for batch in batches(build_rows(contexts, conts), 0, self.max_batch_tokens):
+            for batch in batches(build_rows(contexts, conts), suffix_length(0), self.max_batch_tokens):
                 logp, _ = self._target_logprobs(self._hidden(batch, 0, None, leaf), batch, 0)
-                loss = -logp.sum() / max(len(requests), 1)
+                loss = -logp.sum() / len(requests)
                 loss.backward()
                 total += float(loss.detach())
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
@@ -166,14 +178,13 @@ class HFBackend:
         seed = np.random.SeedSequence().entropy if seed is None else seed
         draws = n if temperature > 0 else 1  # greedy completions are all the same
         prompts = [self.encoder.context(c, None) for c in contexts]
-        jobs = [Row((i, j)) for i in range(len(contexts)) for j in range(draws)]
-        texts: dict[tuple[int, ...], str] = {}
-        budget = lambda row: len(prompts[row.keys[0]]) + max_new_tokens  # noqa: E731
+        jobs = [(i, j) for i in range(len(contexts)) for j in range(draws)]
+        texts: dict[tuple[int, int], str] = {}
         with torch.inference_mode():
-            for batch in batches(jobs, 0, self.max_batch_tokens, budget):
-                gens = [_row_generator(seed, *r.keys, device=self.device) for r in batch]
-                outs = self._sample([prompts[r.keys[0]] for r in batch], gens, max_new_tokens, temperature, stop)
-                texts.update(zip((r.keys for r in batch), outs))
+            for batch in batches(jobs, lambda job: len(prompts[job[0]]) + max_new_tokens, self.max_batch_tokens):
+                gens = [_row_generator(seed, i, j, device=self.device) for i, j in batch]
+                outs = self._sample([prompts[i] for i, _ in batch], gens, max_new_tokens, temperature, stop)
+                texts.update(zip(batch, outs))
         return [[texts[(i, j % draws)] for j in range(n)] for i in range(len(contexts))]
 
     def token_embeddings(self) -> np.ndarray:
@@ -213,7 +224,7 @@ class HFBackend:
     def _score_group(self, rows: Sequence[Row], prefix_len: int, soft, out: np.ndarray) -> None:
         """Add the targets' log-probs of rows sharing ``prefix_len`` keys into ``out``."""
         prefix = self._prefix_kv(rows[0].keys[:prefix_len], soft) if prefix_len else None
-        for batch in batches(rows, prefix_len, self.max_batch_tokens):
+        for batch in batches(rows, suffix_length(prefix_len), self.max_batch_tokens):
             hidden = self._hidden(batch, prefix_len, prefix, soft)
             logp, reqs = self._target_logprobs(hidden, batch, prefix_len)
             np.add.at(out, reqs, logp.double().cpu().numpy())

@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import TypeVar
 
 import numpy as np
 
 from methods.lm import PROMPT_SLOT, SoftPrompt, TextPrompt, TokenPrompt
 
 AnyPrompt = TokenPrompt | SoftPrompt | TextPrompt
+T = TypeVar("T")
 
 
 @dataclass
@@ -223,37 +225,39 @@ def _close(rows: list[Row], prefix_len: int, groups: list[Group], loose: list[Ro
 
 
 def batches(
-    rows: Sequence[Row],
-    start: int,
+    items: Sequence[T],
+    length: Callable[[T], int],
     max_tokens: int,
-    length: Callable[[Row], int] | None = None,
     min_tokens: int = 256,
     waste: float = 0.05,
-) -> list[list[Row]]:
-    """Length-sorted batches: padded size ``rows * longest`` within ``max_tokens``, little padding.
+) -> list[list[T]]:
+    """Length-sorted batches: padded size ``items * longest`` within ``max_tokens``, little padding.
 
     A batch grows while it is smaller than ``min_tokens`` (below that the matmuls run
     inefficiently) or while its padding stays under ``waste`` of its padded size, so rows of
     very different lengths do not share a batch.
 
     Args:
-        rows: rows of one group.
-        start: the group's prefix length: rows run from key ``start`` on.
-        max_tokens: padded-token budget per batch (a longer row still gets a batch of its own).
-        length: tokens a row costs (default: its keys after ``start``).
-        min_tokens: batches below this size accept any row that fits.
+        items: rows (or generation jobs) to batch.
+        length: tokens an item occupies in a batch.
+        max_tokens: padded-token budget per batch (a longer item still gets a batch of its own).
+        min_tokens: batches below this size accept any item that fits.
         waste: largest fraction of padding tolerated above ``min_tokens``.
     """
-    length = length or (lambda r: len(r.keys) - start)
-    out: list[list[Row]] = []
+    out: list[list[T]] = []
     real = 0
-    for row in sorted(rows, key=length):
-        n = length(row)
+    for item in sorted(items, key=length):
+        n = length(item)
         padded = (len(out[-1]) + 1) * n if out else 0
         if out and padded <= max_tokens and (padded <= min_tokens or real + n >= (1 - waste) * padded):
-            out[-1].append(row)
+            out[-1].append(item)
             real += n
         else:
-            out.append([row])
+            out.append([item])
             real = n
     return out
+
+
+def suffix_length(start: int) -> Callable[[Row], int]:
+    """Tokens a row runs when its first ``start`` keys come from a cached prefix."""
+    return lambda row: len(row.keys) - start
