@@ -58,6 +58,7 @@ def validate(specs: list[dict]) -> None:
 def main_impl(cfg: DictConfig) -> int:
     """Plan, validate, run and summarize one sweep; returns the process exit status."""
     from pipelines import sweep
+    from pipelines.lm import budget, cache
 
     choices = dict(HydraConfig.get().runtime.choices)
     run_dir = Path(cfg.resume or HydraConfig.get().runtime.output_dir).resolve()
@@ -72,6 +73,10 @@ def main_impl(cfg: DictConfig) -> int:
     n = len(specs) * int(cfg.search.num_samples)
     print(f"[promptsweep] {n} trial(s): methods={[s for s in cfg.search.methods]} task={specs[0]['task_name']} "
           f"seeds={list(cfg.search.seeds)} -> {run_dir}", flush=True)
+    try:
+        print(budget.projection(plain, n), cache.describe(plain.get("cache")), sep="\n", flush=True)
+    except ValueError as err:
+        raise UserError(str(err)) from err
     start = time.perf_counter()
     rows = sweep.run(plain, specs, space, run_dir, choices)
     sweep.finish(plain, rows, run_dir, time.perf_counter() - start)

@@ -9,6 +9,8 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from pipelines.lm.budget import trial_settings
+from pipelines.lm.cache import cache_path, model_key
 from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
 from pipelines.plan import UserError, redact
 from pipelines.results import merge_evaluations, trial_results, write_json
@@ -76,6 +78,8 @@ def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict)
             run_dir=str(run_dir), namespace=namespace, scorer=_serving(pools[0]), proposer=_serving(pools[1]),
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},
             max_steps=int(cfg["search"]["max_steps"]),
+            cache_path=cache_path(cfg.get("cache")), model_keys={r: model_key(cfg["lm"][r]) for r in cfg["lm"]},
+            **trial_settings(cfg),
         )
         grid = _fit(cfg, specs, space, run_dir, ctx)
         return _rows(run_dir, grid)

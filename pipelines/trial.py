@@ -13,7 +13,7 @@ import json
 import pickle
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from ray import tune
 
 from methods.evaluate import predict
 from methods.lm import SoftPrompt, TokenPrompt
+from pipelines.lm.budget import Budget, BudgetedLM, BudgetExhausted, Meter, Price
+from pipelines.lm.cache import CachedLM, EvalStore
 from pipelines.lm.client import RayLM, Usage
 from pipelines.lm.pool import connect
 from pipelines.results import EvalLog, write_json
@@ -42,6 +44,9 @@ class TrialContext:
         scorer, proposer: ``(pool role, replicas)`` serving each LM role.
         models: model names for the results, by role.
         max_steps: cap on method steps per trial.
+        cache_path: the shared evaluation cache (``""``: none); ``model_keys`` name each role's
+            model in its keys.
+        budget: per-role limits (the ``budget`` config); ``prices`` price each role's tokens.
     """
 
     run_dir: str
@@ -50,6 +55,10 @@ class TrialContext:
     proposer: tuple[str, int]
     models: dict
     max_steps: int
+    cache_path: str = ""
+    model_keys: dict = field(default_factory=dict)
+    budget: dict = field(default_factory=dict)
+    prices: dict = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,14 +83,20 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     """Tune function trainable: the whole life of one (method, task, seed, params) trial."""
     spec = apply_samples(config["trial"], config.get("sample", {}))
     task, method = build(spec)
-    scorer = RayLM(connect(ctx.scorer[0], ctx.scorer[1], ctx.namespace))
-    proposer = RayLM(connect(ctx.proposer[0], ctx.proposer[1], ctx.namespace))
+    scorer, proposer = _lm(ctx, "scorer"), _lm(ctx, "proposer")
     trial_id = tune.get_context().get_trial_id()
     log = EvalLog(Path(ctx.run_dir) / "evaluations" / f"{trial_id}.jsonl")
     run = _restore(log, scorer, proposer) or _fresh(method, task, scorer, proposer, spec["seed"])
     while run["step"] < ctx.max_steps and not method.done(run["state"]):
         start = time.perf_counter()
-        run["state"], report = method.step(run["state"], task, scorer, proposer, run["rng"])
+        try:
+            run["state"], report = method.step(run["state"], task, scorer, proposer, run["rng"])
+        except BudgetExhausted as err:
+            # The unfinished step is dropped whole (its results stay in the cache); the state,
+            # the log and the checkpoint are those of the last finished step.
+            run["elapsed"] += time.perf_counter() - start
+            print(f"[{spec['method_name']} seed={spec['seed']}] stopped after step {run['step']}: {err}", flush=True)
+            break
         run["step"] += 1
         run["elapsed"] += time.perf_counter() - start
         run["dev_score"] = float(report.metrics.get("dev_score", float("nan")))
@@ -89,7 +104,19 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         metrics = {**report.metrics, **_usage(run, scorer, proposer)}
         _progress(spec, run, metrics)
         _report_with_checkpoint(metrics, run, scorer, proposer)
-    _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
+    # Scoring the best prompt on test is the report, not the search: outside the budget.
+    _finish(ctx, spec, trial_id, task, method, run, scorer.inner, proposer.inner)
+
+
+def _lm(ctx: TrialContext, role: str) -> BudgetedLM:
+    """The role's LM: the shared actors, behind the evaluation cache, behind the budget."""
+    pool, replicas = getattr(ctx, role)
+    # A Meter is a Usage with cache and budget counters; it is checkpointed and reported the same way.
+    lm = RayLM(connect(pool, replicas, ctx.namespace), usage=Meter())
+    if ctx.cache_path:
+        lm = CachedLM(lm, EvalStore(ctx.cache_path), ctx.model_keys[role])
+    limits = getattr(Budget.parse(ctx.budget), role)
+    return BudgetedLM(lm, limits, role, ctx.prices.get(role, Price()))
 
 
 def _progress(spec: dict, run: dict, metrics: dict) -> None:

@@ -1,0 +1,266 @@
+"""A persistent evaluation cache shared by every trial of a sweep and by later re-runs.
+
+Results are keyed by (model identity, request content, decoding settings) and kept in one
+SQLite file (WAL mode: many reader and writer processes on one machine). The trial wraps
+its LM in :class:`CachedLM`, which looks every request of a call up at once and sends only
+the misses to the model, in one call. Two methods proposing the same prompt, or a re-run of
+the same sweep, therefore cost no new model calls.
+
+What is cached:
+    - ``loglikelihood``: per request, keyed by context, continuation and the spliced token
+      or soft prompt (its exact bytes). Scores are deterministic, so any caller may reuse them.
+    - ``generate``: per whole call, and only when it is reproducible: greedy
+      (``temperature == 0``), or sampled with an explicit ``seed``. The backend derives each
+      sample's random stream from the seed and the request's place in the call, so the same
+      call with the same seed is the same draw; a sampled call with ``seed=None`` always goes
+      to the model (fresh samples are what the caller asked for).
+    - ``prompt_grad`` is training, never cached.
+
+The cache is never invalidated: a key names everything the answer depends on. Delete the
+file to start over (e.g. after changing a model's weights under an unchanged name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from methods.lm import SoftPrompt, TokenPrompt
+
+# Model-config keys that change how fast a model runs, not what it answers.
+RUNTIME_KEYS = frozenset({
+    "max_batch_tokens", "threads", "device", "cache_dir", "timeout", "max_concurrency", "retries",
+    "api_key_env", "price_in_per_1k", "price_out_per_1k", "trust_remote_code", "min_prefix",
+})
+CHUNK = 500  # keys per ``IN (...)`` query: far under SQLite's bound-variable limit
+
+
+def default_path() -> Path:
+    """``$PROMPTSWEEP_CACHE/evals.sqlite`` (the models' cache root), else ``~/.cache/promptsweep/evals.sqlite``."""
+    root = os.environ.get("PROMPTSWEEP_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "promptsweep") / "evals.sqlite"
+
+
+def cache_path(cache_cfg: dict | None) -> str:
+    """The store's absolute path from the ``cache`` config block; ``""`` when caching is off."""
+    cache_cfg = cache_cfg or {}
+    if not cache_cfg.get("enabled", True):
+        return ""
+    return str(Path(cache_cfg.get("path") or default_path()).expanduser().resolve())
+
+
+def describe(cache_cfg: dict | None) -> str:
+    """The line printed before a sweep starts; opens (creates) the store so a bad path fails early.
+
+    Raises:
+        ValueError: the store cannot be opened, in one line.
+    """
+    path = cache_path(cache_cfg)
+    if not path:
+        return "[promptsweep] evaluation cache: off"
+    try:
+        n = len(EvalStore(path))
+    except (OSError, sqlite3.Error) as err:
+        raise ValueError(f"cannot open the evaluation cache {path}: {err} (set cache.path or cache.enabled=false)") from err
+    return f"[promptsweep] evaluation cache: {path} ({n:,} stored results)"
+
+
+def model_key(model: dict) -> str:
+    """Identity of a model config: its name plus a hash of everything that can change its answers.
+
+    The whole config counts (``_target_``, name, dtype, engine, ...), less the keys in
+    :data:`RUNTIME_KEYS`: a different dtype is a different model; a bigger batch is not.
+    """
+    kept = {k: v for k, v in model.items() if k not in RUNTIME_KEYS}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{model.get('model') or kept.get('_target_', 'model')}:{digest}"
+
+
+def _digest(*parts) -> bytes:
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).digest()
+
+
+def prompt_id(prompt) -> str:
+    """A content id for a spliced prompt: ``""`` for none, exact ids or embedding bytes otherwise."""
+    if prompt is None:
+        return ""
+    if isinstance(prompt, TokenPrompt):
+        return "tok:" + ",".join(map(str, prompt.ids))
+    if isinstance(prompt, SoftPrompt):
+        emb = np.ascontiguousarray(prompt.embeddings)
+        return f"soft:{emb.dtype}:{emb.shape}:" + hashlib.sha256(emb.tobytes()).hexdigest()
+    raise TypeError(f"cannot key a prompt of type {type(prompt).__name__}")
+
+
+class EvalStore:
+    """A key -> (JSON value, tokens) table in one SQLite file, safe for concurrent processes.
+
+    Each process opens its own connection on first use. Writes run in ``BEGIN IMMEDIATE``
+    transactions (a writer waits for the lock up front instead of failing on upgrade), and
+    ``INSERT OR IGNORE`` lets two trials that computed the same result both store it.
+
+    Args:
+        path: the SQLite file (its folder is created).
+        timeout_s: how long a writer waits for another process's transaction.
+    """
+
+    def __init__(self, path: str | Path, timeout_s: float = 120.0) -> None:
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # a connection does not cross processes; reopen there
+        return {"path": self.path, "timeout_s": self.timeout_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            conn.execute("CREATE TABLE IF NOT EXISTS evals (key BLOB PRIMARY KEY, value TEXT NOT NULL, tokens REAL NOT NULL) WITHOUT ROWID")
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, tuple[object, float]]:
+        """The stored ``(value, tokens)`` of every key present."""
+        found: dict[bytes, tuple[object, float]] = {}
+        unique = list(dict.fromkeys(keys))
+        with self._lock:
+            db = self._db()
+            for i in range(0, len(unique), CHUNK):
+                chunk = unique[i : i + CHUNK]
+                rows = db.execute(f"SELECT key, value, tokens FROM evals WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                found.update((bytes(k), (json.loads(v), t)) for k, v, t in rows)
+        return found
+
+    def put_many(self, items: Iterable[tuple[bytes, object, float]]) -> None:
+        """Store ``(key, value, tokens)`` rows in one transaction (existing keys are kept)."""
+        rows = [(k, json.dumps(v), float(t)) for k, v, t in items]
+        if not rows:
+            return
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR IGNORE INTO evals (key, value, tokens) VALUES (?, ?, ?)", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db().execute("SELECT count(*) FROM evals").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+
+def _spread(total: float, weights: Sequence[float]) -> list[float]:
+    """``total`` split in proportion to ``weights`` (what each cached request is said to have cost)."""
+    s = float(sum(weights))
+    return [total * w / s for w in weights] if s > 0 else [0.0] * len(weights)
+
+
+class CachedLM:
+    """An ``LM`` that answers from an :class:`EvalStore` and sends only the misses on.
+
+    Args:
+        inner: the LM doing the work. Its ``usage`` (a ``Meter``) counts the calls, requests
+            and tokens that reached the model; this class adds what the cache answered
+            (``cache_calls``, ``cache_hits``, ``cache_tokens``).
+        store: the shared store.
+        model_key: the model's identity (:func:`model_key`); part of every key.
+    """
+
+    def __init__(self, inner, store: EvalStore, model_key: str) -> None:
+        self.inner, self.store, self.model_key = inner, store, model_key
+
+    @property
+    def usage(self):
+        return self.inner.usage
+
+    @usage.setter
+    def usage(self, value) -> None:
+        self.inner.usage = value
+
+    @property
+    def handles(self) -> list:
+        return self.inner.handles
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], prompt=None) -> np.ndarray:
+        requests = list(requests)
+        per = isinstance(prompt, (list, tuple))
+        prompts = list(prompt) if per else [prompt] * len(requests)
+        ids: dict[int, str] = {}  # one hash per distinct prompt object (soft prompts are big)
+        keys = [
+            _digest("ll", self.model_key, c, k, ids.setdefault(id(p), prompt_id(p)))
+            for (c, k), p in zip(requests, prompts)
+        ]
+        found = self.store.get_many(keys)
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        self._count_hits([found[k][1] for k in keys if k in found], whole_call=bool(requests) and not missing)
+        if missing:
+            found.update(self._compute(missing, keys, requests, prompts, per, prompt))
+        return np.array([found[k][0] for k in keys], dtype=np.float64)
+
+    def _compute(self, missing, keys, requests, prompts, per, prompt) -> dict:
+        """Score the missing requests in one call, store them, and return them by key."""
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        rows = [first[k] for k in missing]
+        before = self.usage.tokens
+        scores = self.inner.loglikelihood([requests[i] for i in rows], [prompts[i] for i in rows] if per else prompt)
+        tokens = _spread(self.usage.tokens - before, [len(requests[i][0]) + len(requests[i][1]) for i in rows])
+        new = [(k, float(s), t) for k, s, t in zip(missing, scores, tokens)]
+        self.store.put_many(new)
+        return {k: (v, t) for k, v, t in new}
+
+    def _count_hits(self, tokens: Sequence[float], whole_call: bool) -> None:
+        """Record requests answered from the cache (``tokens``: what each cost when computed)."""
+        self.usage.cache_hits += len(tokens)
+        self.usage.cache_tokens += float(sum(tokens))
+        self.usage.cache_calls += int(whole_call)
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        contexts = list(contexts)
+        call = dict(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed, stop=tuple(stop))
+        if not contexts or (temperature > 0 and seed is None):  # fresh samples were asked for
+            return self.inner.generate(contexts, **call)
+        settings = [max_new_tokens, float(temperature), n, seed if temperature > 0 else None, list(stop)]
+        key = _digest("gen", self.model_key, contexts, settings)
+        hit = self.store.get_many([key]).get(key)
+        if hit is not None:
+            self._count_hits(_spread(hit[1], [1.0] * max(len(contexts) * n, 1)), whole_call=True)
+            return [list(row) for row in hit[0]]
+        before = self.usage.tokens
+        out = self.inner.generate(contexts, **call)
+        self.store.put_many([(key, out, self.usage.tokens - before)])
+        return out
+
+    def prompt_grad(self, requests, prompt):
+        return self.inner.prompt_grad(requests, prompt)
+
+    def token_embeddings(self) -> np.ndarray:
+        return self.inner.token_embeddings()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.inner.tokenize(text)
+
+    def decode(self, ids) -> str:
+        return self.inner.decode(ids)

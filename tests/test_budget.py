@@ -1,0 +1,162 @@
+"""Budgets: checked before a call is dispatched, never overshot by more than one batch, clean stops."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from methods.opro import OPRO
+from pipelines.lm.budget import Budget, BudgetedLM, BudgetExhausted, Limits, Price, projection
+from pipelines.lm.cache import CachedLM, EvalStore
+from tests.conftest import run_cli
+from tests.fakes import PlantedLM, planted_task
+from tests.test_cache import Metered, requests
+from tests.test_pipeline import TINY
+
+TINY_MODEL = [a for a in TINY if not a.startswith("cache.")]  # the tiny model; each test picks its cache
+
+
+def search(method, scorer, proposer, max_steps: int = 30, seed: int = 0):
+    """The trial's loop: step until done, the step cap, or the budget."""
+    task, rng = planted_task(n_dev=40), np.random.default_rng(seed)
+    state, steps = method.init(task, scorer, proposer, rng), 0
+    try:
+        while steps < max_steps and not method.done(state):
+            state, _ = method.step(state, task, scorer, proposer, rng)
+            steps += 1
+    except BudgetExhausted:
+        pass
+    return method.best(state), steps
+
+
+@pytest.mark.parametrize("cap", [1, 4, 7])
+def test_a_run_capped_at_n_scorer_calls_makes_at_most_n(cap):
+    scorer_lm, proposer_lm = Metered(PlantedLM()), Metered(PlantedLM())
+    scorer = BudgetedLM(scorer_lm, Limits(calls=cap), "scorer")
+    proposer = BudgetedLM(proposer_lm, Limits(), "proposer")
+    best, steps = search(OPRO(n_proposals=4, n_eval=0), scorer, proposer)
+    assert scorer_lm.usage.calls == cap  # OPRO scores every step: it runs into the cap exactly
+    assert scorer_lm.usage.budget_exhausted == 1 and proposer_lm.usage.budget_exhausted == 0
+    assert steps == cap  # one scoring per step: the next step was refused and dropped whole
+    assert best.text  # the best prompt so far is still there to report
+
+
+def test_tokens_overshoot_by_at_most_one_batch():
+    lm = Metered(PlantedLM())
+    budgeted = BudgetedLM(lm, Limits(tokens=1000))
+    batch = requests("decide the label", n=8)
+    per_call = sum(len((c + k).split()) for c, k in batch)
+    with pytest.raises(BudgetExhausted, match="tokens used"):
+        for _ in range(1000):
+            budgeted.loglikelihood(batch)
+    assert 1000 <= lm.usage.tokens < 1000 + per_call
+
+
+def test_the_check_comes_before_the_work():
+    lm = Metered(PlantedLM())
+    budgeted = BudgetedLM(lm, Limits(calls=2))
+    budgeted.generate(["a"], max_new_tokens=4, seed=0)
+    budgeted.loglikelihood([("a", " b")])
+    with pytest.raises(BudgetExhausted, match="scorer budget exhausted: 2 of 2 calls used"):
+        budgeted.loglikelihood([("a", " b")])
+    assert lm.usage.calls == 2 and lm.lm.calls == 2  # nothing was dispatched
+
+
+def test_cached_calls_count_so_a_capped_rerun_replays_with_no_model_calls(tmp_path):
+    def capped_run():
+        inner = Metered(PlantedLM())
+        scorer = BudgetedLM(CachedLM(inner, EvalStore(tmp_path / "evals.sqlite"), "planted"), Limits(calls=4))
+        proposer = BudgetedLM(CachedLM(Metered(PlantedLM()), EvalStore(tmp_path / "evals.sqlite"), "planted"), Limits())
+        best, steps = search(OPRO(n_proposals=4, n_eval=0), scorer, proposer)
+        return best, steps, inner.usage
+
+    first, second = capped_run(), capped_run()
+    assert first[:2] == second[:2]  # same stopping point, same best prompt
+    assert first[2].calls == 4 and second[2].calls == 0 and second[2].cache_calls == 4
+
+
+def test_money_is_priced_from_the_counted_tokens():
+    lm = Metered(PlantedLM())
+    price = Price(prompt=1.0, completion=4.0)
+    budgeted = BudgetedLM(lm, Limits(usd=0.05), "proposer", price)
+    budgeted.loglikelihood([("one two three", " four")])  # 4 tokens, all prompt
+    assert lm.usage.usd == pytest.approx(4 / 1000)
+    assert price.cost(100, prompt_share=0.25, prompt_repeats=2) == pytest.approx((25 * 2 * 1.0 + 75 * 4.0) / 1000)
+    with pytest.raises(BudgetExhausted, match=r"\$"):
+        for _ in range(100):
+            budgeted.loglikelihood([("one two three", " four")])
+    assert lm.usage.usd < 0.05 + 4 / 1000
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"scorer": {"calls": -5}}, "budget.scorer.calls=-5"),
+        ({"scorer": {"calls": 0}}, "positive"),
+        ({"proposer": {"usd": "lots"}}, "budget.proposer.usd='lots'"),
+        ({"scorer": {"calls": 2.5}}, "integer"),
+        ({"scorer": {"requests": 3}}, "unknown key"),
+        ({"judge": {}}, "unknown key"),
+    ],
+)
+def test_bad_budgets_are_one_line_errors(raw, message):
+    with pytest.raises(ValueError, match=message.replace("$", r"\$")) as err:
+        Budget.parse(raw)
+    assert "\n" not in str(err.value)
+
+
+def test_projection_multiplies_the_caps_by_the_trials():
+    cfg = {"budget": {"scorer": {"calls": 50, "tokens": 1000}}, "lm": {"scorer": {}, "proposer": {"price_in_per_1k": 0.5}}}
+    line = projection(cfg, 4)
+    assert "scorer <=50 calls, <=1,000 tokens" in line and "scorer <=200 calls, <=4,000 tokens" in line
+    assert "proposer unbounded" in line and "money unbounded for the priced proposer" in line
+    assert "unbounded" in projection({"budget": None, "lm": {"scorer": {}, "proposer": {}}}, 2)
+
+
+@pytest.fixture(scope="module")
+def capped_sweeps(tmp_path_factory, data_dir):
+    """The same capped sweep run twice against one cache, through Hydra, Ray and Tune on the tiny model."""
+    tmp = tmp_path_factory.mktemp("capped")
+    args = [*TINY_MODEL, f"data_dir={data_dir}", "logger=none", "method=ape", "method.n_prompts=3", "method.n_eval=8",
+            "method.rounds=6", "method.include_manual=true", "budget.scorer.calls=2", "budget.proposer.calls=2",
+            f"cache.path={tmp / 'evals.sqlite'}"]
+    runs = []
+    for name in ("first", "again"):
+        proc = run_cli(*args, f"hydra.run.dir={tmp / name}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        rows = json.loads((tmp / name / "summary.json").read_text())["trials"]
+        runs.append((proc, {r["method"]: r for r in rows}))
+    return runs
+
+
+def test_capped_sweep_end_to_end(capped_sweeps):
+    """The cap holds and the capped trial ends cleanly with its best prompt scored on test."""
+    proc, rows = capped_sweeps[0]
+    assert "Projected for 2 trial(s): scorer <=4 calls; proposer <=4 calls" in proc.stdout
+    ape = rows["ape"]
+    assert ape["status"] == "ok" and ape["scorer_budget_exhausted"] == 0 and ape["proposer_budget_exhausted"] == 1
+    assert ape["steps"] == 2  # the third step's proposal was refused
+    # search calls (model or cache) stay within the cap; +1 for the test scoring, outside it
+    assert ape["scorer_calls"] + ape["scorer_cache_calls"] <= 2 + 1 and ape["proposer_calls"] == 2
+    assert 0 <= ape["test_score"] <= 1 and ape["best_prompt"]
+    assert rows["manual"]["scorer_budget_exhausted"] == 0
+
+
+def test_rerunning_the_sweep_costs_no_model_calls(capped_sweeps):
+    (_, first), (proc, again) = capped_sweeps
+    assert "evaluation cache: " in proc.stdout and "stored results" in proc.stdout
+    for method, row in again.items():
+        assert row["scorer_calls"] == 0 and row["proposer_calls"] == 0, method
+        assert row["scorer_cache_calls"] == first[method]["scorer_calls"] + first[method]["scorer_cache_calls"]
+        assert (row["best_prompt"], row["test_score"], row["steps"]) == (
+            first[method]["best_prompt"], first[method]["test_score"], first[method]["steps"])
+
+
+def test_negative_budget_is_a_one_line_error(tmp_path, data_dir):
+    proc = run_cli(*TINY, f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=none",
+                   "budget.scorer.calls=-3")
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: budget.scorer.calls=-3"), proc.stderr
