@@ -73,6 +73,8 @@ DE_TEMPLATE = (
     + _DE_BODY
     + "1. Different parts:"
 )
+# The operator's own result lines (the DE demo's steps 3 and 4), preferred when a tag is missing.
+_RESULT = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:final|new)\s+prompt\s*:", re.IGNORECASE)
 _LABEL = re.compile(
     r"^\s*(?:\d+[.)]\s*)?(?:final|new|basic|crossover)?\s*prompt\s*\d*\s*:\s*", re.IGNORECASE
 )
@@ -83,8 +85,8 @@ def tagged(raw: str, open_tag: str = "<prompt>", close_tag: str = "</prompt>") -
 
     The last opening tag wins (a model may echo the template's own tags first); a missing
     closing tag (generation stopped on it, or was cut) ends the text at the end of the line.
-    Without an opening tag, the last line before a closing tag, or else the first non-empty
-    line, with a leading "Prompt:" label removed.
+    Without an opening tag: the last line before a closing tag, else the last line labelled
+    "Final/New Prompt:", else the first non-empty line, each with its "Prompt:" label removed.
     """
     if open_tag in raw:
         inner = raw.rsplit(open_tag, 1)[1].split(close_tag, 1)[0].strip()
@@ -92,7 +94,9 @@ def tagged(raw: str, open_tag: str = "<prompt>", close_tag: str = "</prompt>") -
     lines = [ln for ln in raw.split(close_tag, 1)[0].splitlines() if ln.strip()]
     if not lines:
         return ""
-    return _LABEL.sub("", lines[-1] if close_tag in raw else lines[0]).strip()
+    labelled = [ln for ln in lines if _RESULT.match(ln)]
+    line = lines[-1] if close_tag in raw else (labelled[-1] if labelled else lines[0])
+    return _LABEL.sub("", line).strip()
 
 
 def copies_demo(text: str, threshold: float = 0.6) -> bool:

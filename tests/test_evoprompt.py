@@ -97,6 +97,8 @@ def test_tagged_reads_the_final_prompt_robustly():
     assert tagged("bracketed with <prompt> and </prompt>.\n<prompt>Last wins") == "Last wins"
     assert tagged("1. Crossover Prompt: Mixed\n2. Final Prompt: Do it well</prompt>") == "Do it well"
     assert tagged("\n Prompt 1: Plain first line\nmore") == "Plain first line"
+    de = '"a" vs "b"\n2. Mutated parts: "c"\n3. New Prompt: Step three.\n4. Final Prompt: Step four.'
+    assert tagged(de) == "Step four." and tagged(de.rsplit("\n", 1)[0]) == "Step three."
     assert tagged("<prompt></prompt>") == "" and tagged("") == ""
 
 
