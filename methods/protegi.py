@@ -21,7 +21,6 @@ import numpy as np
 from methods.ape import RESAMPLE_TEMPLATE
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, subsample
-from methods.evoprompt import tagged
 from methods.lm import LM, TextPrompt
 from methods.racing import Race, fixed_dev, minibatch_pull, predict_many, successive_rejects, ucb_race
 from methods.text import clean_candidates, clean_one
@@ -176,7 +175,7 @@ class ProTeGi:
             for (p, b), row in zip(jobs, grads) for g in _reasons(row)
         ]
         outs = self._generate(proposer, edit_ctx, self.edits_per_gradient, rng)
-        edits = [tagged(s, "<START>", "<END>") for row in outs for s in row]
+        edits = [first_usable(s) for row in outs for s in row]
         banned = [example_text(task, ex) for e in errors for ex, _ in e]
         return edits, len(edits), banned
 
@@ -233,11 +232,27 @@ class ProTeGi:
         return False
 
 
+def first_usable(raw: str, open_tag: str = "<START>", close_tag: str = "<END>") -> str:
+    """The first usable line of the first usable tagged item (the tags themselves are optional).
+
+    The meta-prompts end on an opened ``<START>``, so the reply's first item needs no opening
+    tag. Small models open with a blank line, a code fence or a markdown heading before the
+    item, so lines that :func:`~methods.text.clean_one` rejects are skipped rather than fatal.
+    """
+    for segment in raw.split(close_tag):
+        for line in segment.rsplit(open_tag, 1)[-1].splitlines():
+            line = line.strip().lstrip("#>*").strip()
+            item = "" if line.startswith("```") else clean_one(line)
+            if item:
+                return item
+    return ""
+
+
 def _reasons(raws: Sequence[str]) -> list[str]:
-    """Usable reasons: the tagged text, at least two words, de-duplicated in order."""
+    """Usable reasons, de-duplicated in order."""
     out: list[str] = []
     for raw in raws:
-        reason = tagged(raw, "<START>", "<END>")
-        if len(reason.split()) >= 2 and reason not in out:
+        reason = first_usable(raw)
+        if reason and reason not in out:
             out.append(reason)
     return out

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from methods.protegi import ProTeGi, error_block, sample_errors
+from methods.protegi import ProTeGi, error_block, first_usable, sample_errors
 from methods.racing import predict_many, successive_rejects, ucb_race
 from tests.fakes import PlantedLM, planted_task, quality
 
@@ -150,3 +150,12 @@ def test_protegi_yaml_instantiates():
     assert isinstance(method, ProTeGi) and method.selector in ("ucb", "successive_rejects")
     with pytest.raises(ValueError, match="selector"):
         ProTeGi(selector="greedy")
+
+
+def test_first_usable_skips_what_small_models_write_before_the_item():
+    raw = '\n```\n# Prompt\n"Classify the tone of the text, even when sarcastic.\nText: <p> "\n```'
+    assert first_usable(raw) == "Classify the tone of the text, even when sarcastic."
+    assert first_usable("x <START> Reason one here <END> <START> two") == "Reason one here"
+    assert first_usable("one<END>\n<START>The second item.<END>") == "The second item."
+    assert first_usable("Because it lacks examples.<END>more") == "Because it lacks examples."
+    assert first_usable(" and ") == "" and first_usable("") == ""
