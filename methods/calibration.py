@@ -20,6 +20,7 @@ Per step: two generate calls and two scorer calls.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -47,6 +48,8 @@ REFINE_TEMPLATE = (
     "earlier ones.\nNew instruction:"
 )
 _NO_FEWSHOT = ("shots", "header")
+# A refinement that starts like a line of the meta-prompt's own error list is an echo.
+_ECHO = re.compile(r"^\s*(?:input|correct answer|predicted answer|answer|score)\s*:", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ class Calibration:
             contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             seed=int(rng.integers(2**31)), stop=("\n\n",),
         )
-        return [o[0] for o in outs], banned
+        return ["" if _ECHO.match(o[0].strip()) else o[0] for o in outs], banned
 
     def _error_text(self, task: Task, errors: Sequence[tuple[Example, int]]) -> str:
         if not errors:

@@ -105,6 +105,18 @@ def test_calibration_with_a_two_field_task_uses_real_examples_only():
     assert state.synthetic == () and len(lm.rounds) == 2  # only the refinement call each step
 
 
+class Echoer(PlantedLM):
+    def generate(self, contexts, **kw):
+        outs = super().generate(contexts, **kw)
+        return [["Correct answer: yes"] if "New instruction:" in c else o for c, o in zip(contexts, outs)]
+
+
+def test_refinements_that_echo_the_error_list_are_dropped():
+    state, reports = run(Calibration(n_proposals=3), planted_task(), Echoer(), steps=2)
+    assert reports[1].evaluated == () and reports[1].metrics["proposed"] == 3
+    assert reports[1].metrics["usable"] == 0 and len(state.scored) == 1
+
+
 def test_clean_input_keeps_one_reasonable_line():
     assert clean_input("\n  a tricky borderline case \nAnswer: no") == "a tricky borderline case"
     assert clean_input("one") == "" and clean_input(" ".join(["w"] * 100)) == ""
