@@ -11,9 +11,10 @@ What is cached:
       or soft prompt (its exact bytes). Scores are deterministic, so any caller may reuse them.
     - ``generate``: per whole call, and only when it is reproducible: greedy
       (``temperature == 0``), or sampled with an explicit ``seed``. The backend derives each
-      sample's random stream from the seed and the request's place in the call, so the same
-      call with the same seed is the same draw; a sampled call with ``seed=None`` always goes
-      to the model (fresh samples are what the caller asked for).
+      sample's random stream from the seed and the request's place in the call (and the
+      pool's replica count), so the same call with the same seed is the same draw; a cached
+      one stays that draw even if the pool changes. A sampled call with ``seed=None`` always
+      goes to the model (fresh samples are what the caller asked for).
     - ``prompt_grad`` is training, never cached.
 
 The cache is never invalidated: a key names everything the answer depends on. Delete the
