@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,7 +101,8 @@ def main() -> None:
     peak = peak_matmul_flops()
     print(f"model {args.model}: {non_embedding / 1e6:.1f}M non-embedding params, head {head / 1e6:.1f}M; "
           f"{len(examples)} examples, {len(requests)} requests; torch threads {torch.get_num_threads()}")
-    print(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
+    print(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+          "(other processes slow both scorers, the unbatched one most)")
 
     lm.loglikelihood(requests[:8])  # warm-up (allocator, thread pool) for both scorers
     naive_scores(lm, requests[:2])

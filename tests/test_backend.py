@@ -89,6 +89,12 @@ def test_results_follow_request_order(lm):
     np.testing.assert_allclose(lm.loglikelihood([requests[i] for i in perm]), lm.loglikelihood(requests)[perm], atol=1e-5)
 
 
+def test_requests_past_the_context_window_are_refused(lm):
+    too_long = " ".join(["word"] * 600)  # the tiny model has 512 positions
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        lm.loglikelihood([(too_long, " positive")])
+
+
 def test_bos_is_prepended_when_the_tokenizer_adds_one():
     lm = tiny_backend(add_bos=True)
     bos = lm.tokenizer.bos_token_id

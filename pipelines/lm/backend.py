@@ -121,6 +121,7 @@ class HFBackend:
         self._count(len(requests))
         out = np.zeros(len(requests), dtype=np.float64)
         contexts, conts, table = encode_requests(self.encoder, requests, normalize_prompts(prompt, len(requests)))
+        self._check_length(contexts, conts)
         soft = self._soft(table.array())
         rows = build_rows(contexts, conts)
         groups = plan_groups(rows, self.min_prefix) if self.min_prefix > 0 else [Group(0, tuple(rows))]
@@ -146,6 +147,7 @@ class HFBackend:
         if not requests:
             return 0.0, np.zeros(np.shape(prompt.embeddings), dtype=np.float32)
         contexts, conts, table = encode_requests(self.encoder, requests, [prompt] * len(requests))
+        self._check_length(contexts, conts)
         leaf = self._soft(table.array()).requires_grad_(True)
         total = 0.0
         with torch.enable_grad():
@@ -212,6 +214,17 @@ class HFBackend:
     def _count(self, n_requests: int) -> None:
         self._usage["calls"] += 1
         self._usage["requests"] += n_requests
+
+    def _check_length(self, contexts: Sequence[tuple], conts: Sequence[tuple]) -> None:
+        """Refuse requests longer than the model's context window.
+
+        Past it, position embeddings extrapolate (or wrap) and the scores are quietly wrong.
+        """
+        limit = getattr(self.config, "max_position_embeddings", None)
+        longest = max((len(c) + len(k) - 1 for c, k in zip(contexts, conts)), default=0)
+        if limit and longest > limit:
+            raise ValueError(f"a prompt of {longest} tokens exceeds the model's context of {limit} tokens; "
+                             "shorten the inputs (or the instruction)")
 
     def _soft(self, table: np.ndarray | None) -> torch.Tensor | None:
         """The call's soft table as a tensor in the model's dtype, ``[rows, d_model]``."""
