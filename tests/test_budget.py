@@ -115,25 +115,29 @@ def test_projection_multiplies_the_caps_by_the_trials():
     assert "unbounded" in projection({"budget": None, "lm": {"scorer": {}, "proposer": {}}}, 2)
 
 
-@pytest.fixture(scope="module")
-def capped_sweeps(tmp_path_factory, data_dir):
-    """The same capped sweep run twice against one cache, through Hydra, Ray and Tune on the tiny model."""
-    tmp = tmp_path_factory.mktemp("capped")
-    args = [*TINY_MODEL, f"data_dir={data_dir}", "logger=none", "method=ape", "method.n_prompts=3", "method.n_eval=8",
+def capped_args(tmp, data_dir) -> list[str]:
+    return [*TINY_MODEL, f"data_dir={data_dir}", "logger=none", "method=ape", "method.n_prompts=3", "method.n_eval=8",
             "method.rounds=6", "method.include_manual=true", "budget.scorer.calls=2", "budget.proposer.calls=2",
             f"cache.path={tmp / 'evals.sqlite'}"]
-    runs = []
-    for name in ("first", "again"):
-        proc = run_cli(*args, f"hydra.run.dir={tmp / name}")
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        rows = json.loads((tmp / name / "summary.json").read_text())["trials"]
-        runs.append((proc, {r["method"]: r for r in rows}))
-    return runs
 
 
-def test_capped_sweep_end_to_end(capped_sweeps):
-    """The cap holds and the capped trial ends cleanly with its best prompt scored on test."""
-    proc, rows = capped_sweeps[0]
+def sweep_rows(tmp, data_dir, name: str):
+    proc = run_cli(*capped_args(tmp, data_dir), f"hydra.run.dir={tmp / name}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp / name / "summary.json").read_text())["trials"]
+    return proc, {r["method"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def capped_sweep(tmp_path_factory, data_dir):
+    """A capped sweep through Hydra, Ray and Tune on the tiny model, with its own cache file."""
+    tmp = tmp_path_factory.mktemp("capped")
+    return tmp, *sweep_rows(tmp, data_dir, "first")
+
+
+def test_capped_sweep_end_to_end(capped_sweep):
+    """The cap holds, the capped trial ends cleanly with its best prompt scored on test."""
+    tmp, proc, rows = capped_sweep
     assert "Projected for 2 trial(s): scorer <=4 calls; proposer <=4 calls" in proc.stdout
     ape = rows["ape"]
     assert ape["status"] == "ok" and ape["scorer_budget_exhausted"] == 0 and ape["proposer_budget_exhausted"] == 1
@@ -142,10 +146,13 @@ def test_capped_sweep_end_to_end(capped_sweeps):
     assert ape["scorer_calls"] + ape["scorer_cache_calls"] <= 2 + 1 and ape["proposer_calls"] == 2
     assert 0 <= ape["test_score"] <= 1 and ape["best_prompt"]
     assert rows["manual"]["scorer_budget_exhausted"] == 0
+    assert len(EvalStore(tmp / "evals.sqlite")) > 0  # the trials wrote to the sweep's cache
 
 
-def test_rerunning_the_sweep_costs_no_model_calls(capped_sweeps):
-    (_, first), (proc, again) = capped_sweeps
+@pytest.mark.slow
+def test_rerunning_the_sweep_costs_no_model_calls(capped_sweep, data_dir):
+    tmp, _, first = capped_sweep
+    proc, again = sweep_rows(tmp, data_dir, "again")
     assert "evaluation cache: " in proc.stdout and "stored results" in proc.stdout
     for method, row in again.items():
         assert row["scorer_calls"] == 0 and row["proposer_calls"] == 0, method
