@@ -89,7 +89,7 @@ def sample_space(params: dict) -> dict:
     return space
 
 
-GROUP_OVERRIDE = re.compile(r"^\+?(task|method|search|resources|logger|experiment|model@lm\.(?:scorer|proposer))=(.+)$")
+GROUP_OVERRIDE = re.compile(r"^\+?(task|method|search|resources|logger|budget|experiment|model@lm\.(?:scorer|proposer))=(.+)$")
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:
