@@ -13,6 +13,7 @@ generate calls (gradients, edits, paraphrases), each batched over the whole beam
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -28,11 +29,14 @@ from tasks.core import Example, Task
 
 # The paper's templates; each ends on an opened <START> so a small model writes one item
 # straight away (several items come from sampling n completions, not from one long reply).
+# The gradient's opened item starts the sentence: a 135M model then writes a reason instead
+# of more examples, and the reason reads on from "the problem with this prompt is that".
+GRADIENT_CUE = "This prompt could have gotten these examples wrong because"
 GRADIENT_TEMPLATE = (
     "I'm trying to write a zero-shot classifier prompt.\n\nMy current prompt is:\n\"{prompt}\"\n\n"
     "But this prompt gets the following examples wrong:\n{errors}\n\n"
     "give {n} reasons why the prompt could have gotten these examples wrong.\n"
-    "Wrap each reason with <START> and <END>\n\n<START>"
+    "Wrap each reason with <START> and <END>\n\n<START>" + GRADIENT_CUE
 )
 EDIT_TEMPLATE = (
     "I'm trying to write a zero-shot classifier.\n\nMy current prompt is:\n\"{prompt}\"\n\n"
@@ -42,6 +46,10 @@ EDIT_TEMPLATE = (
     "Each prompt is wrapped with <START> and <END>.\n\nThe {n} new prompts are:\n<START>"
 )
 _NO_FEWSHOT = ("shots", "header")
+# Lines that copy the meta-prompt's own scaffolding rather than writing an item.
+_ECHO = re.compile(
+    r"^(?:the \d+ new prompts?\b|prompt \d*:|text:|label:|prediction:|example \d)", re.IGNORECASE
+)
 
 
 def example_text(task: Task, ex: Example) -> str:
@@ -162,7 +170,9 @@ class ProTeGi:
             return [[] for _ in contexts]
         return proposer.generate(
             contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature, n=n,
-            seed=int(rng.integers(2**31)), stop=("<END>", "\n\n"),
+            # No blank-line stop: after an opened <START> small models often begin with blank
+            # lines, and a stop there would return nothing; first_usable finds the item.
+            seed=int(rng.integers(2**31)), stop=("<END>",),
         )
 
     def _expand(self, beam, errors, task: Task, proposer: LM, rng: np.random.Generator):
@@ -241,8 +251,8 @@ def first_usable(raw: str, open_tag: str = "<START>", close_tag: str = "<END>") 
     """
     for segment in raw.split(close_tag):
         for line in segment.rsplit(open_tag, 1)[-1].splitlines():
-            line = line.strip().lstrip("#>*").strip()
-            item = "" if line.startswith("```") else clean_one(line)
+            line = line.strip().lstrip("#>*=").strip()
+            item = "" if line.startswith("```") or _ECHO.match(line) else clean_one(line)
             if item:
                 return item
     return ""
@@ -253,6 +263,7 @@ def _reasons(raws: Sequence[str]) -> list[str]:
     out: list[str] = []
     for raw in raws:
         reason = first_usable(raw)
+        reason = reason[:1].lower() + reason[1:]  # it continues "... the problem is that"
         if reason and reason not in out:
             out.append(reason)
     return out

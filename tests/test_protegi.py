@@ -159,3 +159,5 @@ def test_first_usable_skips_what_small_models_write_before_the_item():
     assert first_usable("one<END>\n<START>The second item.<END>") == "The second item."
     assert first_usable("Because it lacks examples.<END>more") == "Because it lacks examples."
     assert first_usable(" and ") == "" and first_usable("") == ""
+    echo = '\nThe 1 new prompt is:\nText: "a review"\n= "Judge the tone of each text."'
+    assert first_usable(echo) == "Judge the tone of each text."
