@@ -18,17 +18,19 @@ _LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*•]|instruction\s*\d*\s*:)\s*", re.
 
 
 def clean_one(raw: str, max_words: int = 60) -> str:
-    """First meaningful line of ``raw``, list markers and wrapping quotes removed; '' if unusable."""
+    """First usable line of ``raw``, list markers and wrapping quotes removed; '' if none.
+
+    Small models often open with a blank line, a code fence or a one-word heading before the
+    instruction, so such lines are skipped rather than fatal.
+    """
     for line in raw.splitlines():
+        line = line.strip().lstrip("#>*=").strip()
+        if line.startswith("```"):
+            continue
         line = _LIST_MARK.sub("", line).strip().strip(_QUOTES).strip()
-        if line:
-            break
-    else:
-        return ""
-    words = line.split()
-    if len(words) < 2 or len(words) > max_words:
-        return ""
-    return line[0].upper() + line[1:]
+        if 2 <= len(line.split()) <= max_words:
+            return line[0].upper() + line[1:]
+    return ""
 
 
 def clean_candidates(

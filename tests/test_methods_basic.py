@@ -62,3 +62,8 @@ def test_clean_candidates_drops_empty_duplicates_and_copies():
     raws = ["", "1. Classify the review.", "classify the review", demos[0], "ok", '"Decide the label"']
     assert clean_candidates(raws, banned=demos) == ["Classify the review.", "Decide the label"]
     assert clean_one("\n\n  - write the sentiment\nmore") == "Write the sentiment"
+
+
+def test_clean_one_skips_fences_and_headings_small_models_open_with():
+    assert clean_one("```\n## Instruction\nClassify each review by its sentiment.\n```") == "Classify each review by its sentiment."
+    assert clean_one("```\n```") == ""
