@@ -65,7 +65,9 @@ class EvalLog:
         """Drop records of steps after ``step`` (work a checkpoint does not cover); returns how many."""
         records = read_jsonl(self.path)
         keep = [r for r in records if r.get("step", 0) <= step]
-        if len(keep) != len(records):
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        # Also rewrite to drop a torn last line: the next append would be glued onto it and lost.
+        if len(keep) != len(lines):
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in keep))
             os.replace(tmp, self.path)
