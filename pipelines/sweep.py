@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import signal
+import socket
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -12,26 +18,100 @@ from ray import tune
 from pipelines.lm.budget import trial_settings
 from pipelines.lm.cache import cache_path, model_key
 from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
-from pipelines.plan import UserError, redact
+from pipelines.plan import SECRET_KEY, UserError, redact
 from pipelines.results import merge_evaluations, trial_results, write_json
 from pipelines.summary import print_table
 from pipelines.trial import TrialContext, run_trial
 
 
 def start_ray(cfg: dict) -> str:
-    """Join the cluster at ``ray.address`` or start a local Ray; returns the run's namespace."""
+    """Join the cluster at ``ray.address`` (or ``$RAY_ADDRESS``, as ``ray job submit`` sets it),
+    else start a local Ray; returns the run's namespace."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     namespace = cfg["ray"]["namespace"] or f"psw-{uuid.uuid4().hex[:8]}"
-    address = cfg["ray"]["address"]
+    address = check_address(cfg["ray"])
+    if address:
+        _connect(address, namespace, float(cfg["ray"].get("connect_timeout_s") or CONNECT_TIMEOUT_S))
+        return namespace
     try:
-        if address:
-            ray.init(address=address, namespace=namespace, log_to_driver=True)
-        else:
-            ray.init(namespace=namespace, _temp_dir=cfg["ray"]["temp_dir"], include_dashboard=False,
-                     num_cpus=os.cpu_count(), log_to_driver=True)
+        ray.init(namespace=namespace, _temp_dir=cfg["ray"]["temp_dir"], include_dashboard=False,
+                 num_cpus=os.cpu_count(), log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise UserError(f"cannot reach the Ray cluster at {address!r}: {err}") from err
+        raise UserError(f"cannot start a local Ray: {_first_line(err)}") from err
     return namespace
+
+
+CONNECT_TIMEOUT_S = 60.0
+
+
+def check_address(ray_cfg: dict) -> str | None:
+    """The cluster address to join (None: start a local Ray), checked to be listening."""
+    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _probe(address, min(float(ray_cfg.get("connect_timeout_s") or CONNECT_TIMEOUT_S), 10.0))
+    return address
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def _probe(address: str, timeout_s: float) -> None:
+    """Fail in seconds when nothing listens at the cluster's address.
+
+    ``ray.init`` retries a refused or unroutable address for minutes before giving up, which
+    looks like a hang; one TCP connect answers the common mistakes (typo, cluster down) at once.
+    """
+    from ray._private import services  # resolves "auto" the way ray.init will
+
+    try:
+        target = address.split("://", 1)[1] if "://" in address else services.canonicalize_bootstrap_address(address)
+        if not target:
+            raise ValueError("no cluster address found (set ray.address=host:port or RAY_ADDRESS)")
+        host, _, port = target.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError, ConnectionError) as err:
+        why = getattr(err, "strerror", None) or _first_line(err)
+        raise UserError(f"cannot reach the Ray cluster at {address!r}: {why}") from err
+
+
+class _QuietThreadWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _connect(address: str, namespace: str, timeout_s: float) -> None:
+    """``ray.init(address)`` with a deadline.
+
+    Something that accepts TCP but never answers as a Ray head (another service on the port,
+    a cluster demanding an auth token we lack) makes ``ray.init`` wait forever, so it runs in
+    a daemon thread that the driver abandons after ``timeout_s``.
+    """
+    outcome: dict = {}
+
+    def init() -> None:
+        try:
+            ray.init(address=address, namespace=namespace, log_to_driver=True)
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = err
+
+    # ray.init installs this handler only from the main thread; keep its behaviour.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    quiet = _QuietThreadWarning()
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    thread = threading.Thread(target=init, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    logging.getLogger("ray._private.worker").removeFilter(quiet)
+    if thread.is_alive():
+        err = UserError(f"cannot reach the Ray cluster at {address!r}: no answer within {timeout_s:.0f}s "
+                        "(is it a Ray head, and is its auth token in ~/.ray/auth_token or $RAY_AUTH_TOKEN?)")
+        err.abandon = True  # the stuck connect thread logs until the process ends: end it at once
+        raise err
+    if "error" in outcome:
+        err = outcome["error"]
+        raise UserError(f"cannot reach the Ray cluster at {address!r}: {_first_line(err)}") from err
 
 
 def pool_specs(cfg: dict) -> list[PoolSpec]:
@@ -74,6 +154,7 @@ def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict)
             handles = [start_pool(p, namespace) for p in pools]  # noqa: F841
         except ModelStartError as err:
             raise UserError(str(err)) from err
+        check_context(specs, handles[0])
         ctx = TrialContext(
             run_dir=str(run_dir), namespace=namespace, scorer=_serving(pools[0]), proposer=_serving(pools[1]),
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},
@@ -82,21 +163,47 @@ def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict)
             **trial_settings(cfg),
         )
         grid = _fit(cfg, specs, space, run_dir, ctx)
+        _check_finished(run_dir)
         return _rows(run_dir, grid)
     finally:
         ray.shutdown()
 
 
+def check_context(specs: list[dict], scorer: list) -> None:
+    """Score each task's longest example once, with the hand-written instruction.
+
+    Data longer than the model's context window then fails here, in one line, instead of in
+    every trial; the backend refuses such requests (see ``HFBackend._check_length``).
+    """
+    from pipelines.trial import build
+
+    for spec in {json.dumps(s["task"], sort_keys=True): s for s in specs}.values():
+        task, _ = build(spec)
+        examples = task.train + task.dev + task.test
+        if not examples:
+            continue
+        longest = max(examples, key=lambda ex: len(task.render(task.instruction, ex)))
+        request = (task.render(task.instruction, longest), max(task.choices(longest), key=len))
+        try:
+            ray.get(scorer[0].loglikelihood.remote([request]))
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None) or err
+            raise UserError(f"task {spec['task_name']}: {_first_line(cause)}") from err
+
+
 def _trainable(cfg: dict, ctx: TrialContext):
     fn = tune.with_parameters(run_trial, ctx=ctx)
-    return tune.with_resources(fn, {"cpu": float(cfg["resources"]["trial_cpus"])})
+    # Optional custom resources pin trials to some nodes (e.g. CPU workers, keeping GPU nodes for the LM).
+    extra = {k: float(v) for k, v in (cfg["resources"].get("trial_resources") or {}).items()}
+    return tune.with_resources(fn, {"cpu": float(cfg["resources"]["trial_cpus"]), **extra})
 
 
 def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialContext):
     search = cfg["search"]
     trainable = _trainable(cfg, ctx)
     tune_dir = run_dir / "tune"
-    if cfg.get("resume") and tune.Tuner.can_restore(str(tune_dir)):
+    if cfg.get("resume"):
+        # Same trial ids, so each trial finds its checkpoint and its own evaluation log again.
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
     tuner = tune.Tuner(
@@ -116,6 +223,45 @@ def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialCon
         ),
     )
     return tuner.fit()
+
+
+class Interrupted(UserError):
+    """The sweep stopped (Ctrl+C / SIGINT) with trials unfinished; their state is saved."""
+
+    exit_status = 130
+
+
+def _check_finished(run_dir: Path) -> None:
+    """Raise :class:`Interrupted` when Tune returned early: a partial summary would mislead.
+
+    After Ctrl+C, Tune stops the running trials and reports them as terminated; only the
+    experiment state it saved just before (what ``Tuner.restore`` reads) still shows them
+    unfinished, so that is what is checked.
+    """
+    saved = tune.ExperimentAnalysis(str(run_dir / "tune")).trials
+    unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise Interrupted(f"interrupted with {len(unfinished)} of {len(saved)} trial(s) unfinished; "
+                          f"continue with: python -m pipelines.run resume={run_dir}")
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The config a run directory was started with, checked to be resumable."""
+    saved = run_dir / "config.json"
+    if not saved.is_file() or not tune.Tuner.can_restore(str(run_dir / "tune")):
+        raise UserError(f"nothing to resume in {run_dir}: no config.json and Tune state (tune/) from a started sweep")
+    cfg = json.loads(saved.read_text())
+    if _redacted(cfg):
+        raise UserError(f"cannot resume {run_dir}: its config.json holds redacted secrets; "
+                        "pass keys through the environment")
+    return cfg
+
+
+def _redacted(obj) -> bool:
+    """True when ``redact`` replaced a value somewhere in ``obj`` (the saved config lacks it)."""
+    if isinstance(obj, dict):
+        return any((v == "***" and SECRET_KEY.search(str(k))) or _redacted(v) for k, v in obj.items())
+    return isinstance(obj, list) and any(_redacted(v) for v in obj)
 
 
 def _trial_name(trial) -> str:
@@ -139,6 +285,7 @@ def _rows(run_dir: Path, grid) -> list[dict]:
 
 
 def _one_line(err: BaseException) -> str:
+    err = getattr(err, "cause", None) or err  # a RayTaskError carries the trial's own exception
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
 
@@ -146,7 +293,8 @@ def _one_line(err: BaseException) -> str:
 def finish(cfg: dict, rows: list[dict], run_dir: Path, wall_s: float) -> None:
     """Summary file, merged evaluation log, W&B tables, and the table on stdout."""
     n_records = merge_evaluations(run_dir)
-    write_json(run_dir / "summary.json", {"trials": rows, "wall_s": wall_s, "evaluations": n_records})
+    failed = sum(r.get("status") != "ok" for r in rows)
+    write_json(run_dir / "summary.json", {"trials": rows, "failed": failed, "wall_s": wall_s, "evaluations": n_records})
     from pipelines.report import write_report
 
     report = write_report(run_dir)
@@ -155,4 +303,6 @@ def finish(cfg: dict, rows: list[dict], run_dir: Path, wall_s: float) -> None:
 
         log_run(redact(cfg), rows, run_dir)
     print_table(rows, run_dir, wall_s)
+    if failed:
+        print(f"{failed} of {len(rows)} trial(s) FAILED; their errors are in summary.json", flush=True)
     print(f"report: {report}", flush=True)

@@ -181,6 +181,7 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         "best_prompt": best.describe(), "dev_score": run.get("dev_score", float("nan")),
         "test_score": task.score(preds, task.test), "test_groups": _groups(task, preds),
         "n_test": len(task.test), "steps": run["step"], **_usage(run, scorer, proposer),
+        "node": ray.get_runtime_context().get_node_id(),  # the cluster node that finished it
     }
     if isinstance(best, TokenPrompt):
         result["prompt_tokens"] = list(best.ids)
