@@ -110,3 +110,20 @@ class PlantedLM:
 
     def decode(self, ids) -> str:
         return " ".join(VOCAB[i % len(VOCAB)] for i in ids)
+
+
+def run_steps(method, task: Task, lm, steps: int, seed: int = 0):
+    """Up to ``steps`` steps of ``method`` (fewer if it is done), ``lm`` as scorer and proposer.
+
+    Returns:
+        ``(state, reports)``.
+    """
+    rng = np.random.default_rng(seed)
+    state = method.init(task, lm, lm, rng)
+    reports = []
+    for _ in range(steps):
+        if method.done(state):
+            break
+        state, report = method.step(state, task, lm, lm, rng)
+        reports.append(report)
+    return state, reports

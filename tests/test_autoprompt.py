@@ -17,7 +17,7 @@ import torch
 from methods.autoprompt import AutoPrompt, hotflip_scores, objective_table, swap, top_allowed
 from methods.evaluate import score_prompts
 from methods.lm import PROMPT_SLOT, SoftPrompt, TokenPrompt
-from tests.fakes import planted_task
+from tests.fakes import planted_task, run_steps
 
 WORDS = (
     "the", "yes", "no", "a", "an", "one", "film", "movie", "great", "bad", "good", "plot",
@@ -90,14 +90,7 @@ class GradLM:
         raise NotImplementedError("gradient methods never generate")
 
 
-def run(method, task, lm, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    state = method.init(task, lm, lm, rng)
-    reports = []
-    for _ in range(steps):
-        state, report = method.step(state, task, lm, lm, rng)
-        reports.append(report)
-    return state, reports
+run = run_steps
 
 
 def train_nll(task, lm, ids) -> float:

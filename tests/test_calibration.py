@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from methods.calibration import Calibration, clean_input, input_field
 from tasks.core import Example, Task
-from tests.fakes import PlantedLM, planted_task, quality
+from tests.fakes import PlantedLM, planted_task, quality, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +30,7 @@ class RecordingLM(PlantedLM):
         return super().loglikelihood(requests, prompt)
 
 
-def run(method, task, lm, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    state = method.init(task, lm, lm, rng)
-    reports = []
-    for _ in range(steps):
-        state, report = method.step(state, task, lm, lm, rng)
-        reports.append(report)
-    return state, reports
+run = run_steps
 
 
 def test_calibration_climbs_the_planted_objective():

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from methods.evoprompt import DEMO, EvoPrompt, EvoState, copies_demo, roulette_pairs, tagged
-from tests.fakes import PlantedLM, planted_task, quality
+from tests.fakes import PlantedLM, planted_task, quality, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 DECOY = "Seven purple banana maybe"
@@ -31,14 +31,7 @@ class TaggedLM(PlantedLM):
         return [[f"{DECOY}.\n2. <prompt>{o}{close[k % 2]}" for k, o in enumerate(row)] for row in outs]
 
 
-def run(method, task, lm, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    state = method.init(task, lm, lm, rng)
-    reports = []
-    for _ in range(steps):
-        state, report = method.step(state, task, lm, lm, rng)
-        reports.append(report)
-    return state, reports
+run = run_steps
 
 
 @pytest.mark.parametrize("variant", ["ga", "de"])

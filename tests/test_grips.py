@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from methods.grips import GRIPS, add, delete, join, split_phrases, substitute, swap
-from tests.fakes import PlantedLM, planted_task, quality
+from tests.fakes import PlantedLM, planted_task, quality, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = "Read the text, then answer whether the statement is true or false."
@@ -29,16 +29,7 @@ class ScriptedParaphraser(PlantedLM):
         return [["decide carefully now\nextra line"] * n for _ in contexts]
 
 
-def run(method, task, lm, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    state = method.init(task, lm, lm, rng)
-    reports = []
-    for _ in range(steps):
-        if method.done(state):
-            break
-        state, report = method.step(state, task, lm, lm, rng)
-        reports.append(report)
-    return state, reports
+run = run_steps
 
 
 def test_split_phrases_cuts_at_punctuation_conjunctions_and_word_windows():

@@ -9,19 +9,12 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from methods.opro import OPRO, OPROState, meta_prompt
-from tests.fakes import PlantedLM, planted_task, quality
+from tests.fakes import PlantedLM, planted_task, quality, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(method, task, lm, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    state = method.init(task, lm, lm, rng)
-    reports = []
-    for _ in range(steps):
-        state, report = method.step(state, task, lm, lm, rng)
-        reports.append(report)
-    return state, reports
+run = run_steps
 
 
 def test_opro_climbs_the_planted_objective_with_one_scorer_call_per_step():

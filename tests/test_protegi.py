@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from methods.protegi import ProTeGi, error_block, first_usable, sample_errors
 from methods.racing import predict_many, successive_rejects, ucb_race
-from tests.fakes import PlantedLM, planted_task, quality
+from tests.fakes import PlantedLM, planted_task, quality, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,14 +32,7 @@ class RecordingLM(PlantedLM):
         return super().generate(contexts, **kw)
 
 
-def run(method, task, lm, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    state = method.init(task, lm, lm, rng)
-    reports = []
-    for _ in range(steps):
-        state, report = method.step(state, task, lm, lm, rng)
-        reports.append(report)
-    return state, reports
+run = run_steps
 
 
 @pytest.mark.parametrize("selector", ["ucb", "successive_rejects"])
