@@ -149,7 +149,9 @@ def _records(spec: dict, trial_id: str, step: int, report, scorer: RayLM) -> lis
     base = {"trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"], "step": step}
     return [
         {**base, "idx": i, "prompt": e.prompt, "score": e.score, "n": e.n, "kind": e.kind,
-         "scorer_calls": scorer.usage.calls, "time": time.time()}
+         # calls the method asked for, cache hits included: the x-axis of best-so-far plots must
+         # not depend on what an earlier run left in the cache
+         "scorer_calls": scorer.usage.calls + scorer.usage.cache_calls, "time": time.time()}
         for i, e in enumerate(report.evaluated)
     ]
 
