@@ -92,6 +92,17 @@ def sample_space(params: dict) -> dict:
 GROUP_OVERRIDE = re.compile(r"^\+?(task|method|search|resources|logger|budget|experiment|model@lm\.(?:scorer|proposer))=(.+)$")
 
 
+def expand_model_shorthand(argv: list[str]) -> list[str]:
+    """``model=X`` means the same model in both LM roles (the common case, and one word to type)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("model="):
+            out += [f"model@lm.scorer={arg[6:]}", f"model@lm.proposer={arg[6:]}"]
+        else:
+            out.append(arg)
+    return out
+
+
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:
     """Fail with one line on an unknown group choice (``task=nope``) before Hydra prints a page."""
     for arg in argv:

@@ -19,7 +19,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.plan import UserError, check_arguments, check_group_choices, sample_space, trial_specs
+from pipelines.plan import (
+    UserError, check_arguments, check_group_choices, expand_model_shorthand, sample_space, trial_specs,
+)
 
 REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -203,6 +205,7 @@ def check_overrides(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = expand_model_shorthand(sys.argv[1:])
     try:
         check_group_choices(sys.argv[1:], REPO_CONF)
         check_overrides(sys.argv[1:])

@@ -56,3 +56,11 @@ def test_argument_checks_catch_wrong_names_and_types():
 @pytest.mark.parametrize("method", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
 def test_every_method_yaml_starts_with_its_command(method):
     assert (CONF / "method" / f"{method}.yaml").read_text().startswith("# python -m pipelines.run")
+
+
+def test_model_shorthand_sets_both_roles():
+    from pipelines.plan import expand_model_shorthand
+
+    assert expand_model_shorthand(["task=mmlu", "model=smollm2"]) == [
+        "task=mmlu", "model@lm.scorer=smollm2", "model@lm.proposer=smollm2"]
+    assert expand_model_shorthand(["model@lm.scorer=hf"]) == ["model@lm.scorer=hf"]

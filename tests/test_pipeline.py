@@ -9,7 +9,7 @@ import pytest
 from pipelines.results import read_jsonl
 from tests.conftest import run_cli
 
-TINY = ["model@lm.scorer=tiny", "model@lm.proposer=tiny", "task.n_train=20", "task.n_dev=16", "task.n_test=24", "cache.enabled=false"]
+TINY = ["model=tiny", "task.n_train=20", "task.n_dev=16", "task.n_test=24", "cache.enabled=false"]
 
 
 @pytest.fixture(scope="module")
