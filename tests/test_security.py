@@ -128,7 +128,7 @@ def test_cluster_that_never_answers_times_out(tmp_path, data_dir):
     start = time.monotonic()
     try:
         proc = run_cli(*TINY, *SMALL, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}",
-                       f"ray.address=127.0.0.1:{port}", "+ray.connect_timeout_s=5", timeout=240)
+                       f"ray.address=127.0.0.1:{port}", "ray.connect_timeout_s=5", timeout=240)
     finally:
         server.close()
     _assert_one_line_error(proc, "no answer within 5s", run_dir)
