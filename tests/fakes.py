@@ -10,6 +10,7 @@ method that selects well climbs and a method that ignores scores does not.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 from collections.abc import Sequence
 
@@ -127,3 +128,21 @@ def run_steps(method, task: Task, lm, steps: int, seed: int = 0):
         state, report = method.step(state, task, lm, lm, rng)
         reports.append(report)
     return state, reports
+
+
+def resumed_and_uninterrupted(method, task: Task, make_lm, steps: int = 4, split: int = 2, seed: int = 0):
+    """Final states of ``steps`` steps run straight through, and with a pickle round trip
+    of (state, rng) after ``split`` steps, as a checkpoint and resume would do.
+
+    Returns:
+        ``(resumed_state, uninterrupted_state)``: equal when the state is a faithful checkpoint.
+    """
+    full, _ = run_steps(method, task, make_lm(), steps, seed)
+    lm, rng = make_lm(), np.random.default_rng(seed)
+    state = method.init(task, lm, lm, rng)
+    for _ in range(split):
+        state, _ = method.step(state, task, lm, lm, rng)
+    state, rng = pickle.loads(pickle.dumps((state, rng)))
+    for _ in range(steps - split):
+        state, _ = method.step(state, task, lm, lm, rng)
+    return state, full

@@ -1,6 +1,5 @@
 """EvoPrompt (GA and DE) against the planted fake LM, with the final prompt in <prompt> tags."""
 
-import pickle
 from pathlib import Path
 
 import hydra.utils
@@ -9,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from methods.evoprompt import DEMO, EvoPrompt, EvoState, copies_demo, roulette_pairs, tagged
-from tests.fakes import PlantedLM, planted_task, quality, run_steps
+from tests.fakes import PlantedLM, planted_task, quality, resumed_and_uninterrupted, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 DECOY = "Seven purple banana maybe"
@@ -117,14 +116,7 @@ def test_children_copying_the_demonstration_are_dropped_unscored(variant):
 @pytest.mark.parametrize("variant", ["ga", "de"])
 def test_evoprompt_state_pickles_and_resumes_identically(variant):
     task, method = planted_task(), EvoPrompt(variant=variant, pop_size=4)
-    full, _ = run(method, task, TaggedLM(), steps=4, seed=2)
-    lm, rng = TaggedLM(), np.random.default_rng(2)
-    state = method.init(task, lm, lm, rng)
-    for _ in range(2):
-        state, _ = method.step(state, task, lm, lm, rng)
-    state, rng = pickle.loads(pickle.dumps((state, rng)))
-    for _ in range(2):
-        state, _ = method.step(state, task, lm, lm, rng)
+    state, full = resumed_and_uninterrupted(method, task, TaggedLM, seed=2)
     assert state == full
 
 

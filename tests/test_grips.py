@@ -1,7 +1,6 @@
 """GRIPS: the phrase splitter, each edit operation, acceptance, patience, and a planted climb."""
 
 import dataclasses
-import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from methods.grips import GRIPS, add, delete, join, split_phrases, substitute, swap
-from tests.fakes import PlantedLM, planted_task, quality, run_steps
+from tests.fakes import PlantedLM, planted_task, quality, resumed_and_uninterrupted, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = "Read the text, then answer whether the statement is true or false."
@@ -95,14 +94,7 @@ def test_grips_climbs_the_planted_objective_with_paraphrases():
 def test_grips_state_pickles_and_resumes_identically():
     task = dataclasses.replace(planted_task(), instruction=BAD)
     method = GRIPS(num_candidates=4, patience=10)
-    full, _ = run(method, task, PlantedLM(), steps=4, seed=3)
-    lm, rng = PlantedLM(), np.random.default_rng(3)
-    state = method.init(task, lm, lm, rng)
-    for _ in range(2):
-        state, _ = method.step(state, task, lm, lm, rng)
-    state, rng = pickle.loads(pickle.dumps((state, rng)))
-    for _ in range(2):
-        state, _ = method.step(state, task, lm, lm, rng)
+    state, full = resumed_and_uninterrupted(method, task, PlantedLM, seed=3)
     assert state == full
 
 

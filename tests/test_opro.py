@@ -1,6 +1,5 @@
 """OPRO against the planted fake LM: the scored history must steer the search."""
 
-import pickle
 import re
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from methods.opro import OPRO, OPROState, meta_prompt
-from tests.fakes import PlantedLM, planted_task, quality, run_steps
+from tests.fakes import PlantedLM, planted_task, quality, resumed_and_uninterrupted, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,14 +74,7 @@ def test_opro_drops_duplicates_of_scored_and_of_each_other():
 
 def test_opro_state_pickles_and_resumes_to_the_same_state():
     task, method = planted_task(), OPRO(n_proposals=3)
-    full, _ = run(method, task, PlantedLM(), steps=4, seed=5)
-    lm, rng = PlantedLM(), np.random.default_rng(5)
-    state = method.init(task, lm, lm, rng)
-    for _ in range(2):
-        state, _ = method.step(state, task, lm, lm, rng)
-    state, rng = pickle.loads(pickle.dumps((state, rng)))
-    for _ in range(2):
-        state, _ = method.step(state, task, lm, lm, rng)
+    state, full = resumed_and_uninterrupted(method, task, PlantedLM, seed=5)
     assert isinstance(state, OPROState) and state == full
 
 

@@ -1,6 +1,5 @@
 """Promptbreeder against the planted fake LM: tournaments, elitism, each mutation operator."""
 
-import pickle
 import re
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from methods.promptbreeder import (
     MUTATION_PROMPTS, OPERATORS, THINKING_STYLES, Promptbreeder, eda_context, elite, tournaments,
 )
 from methods.racing import predict_many
-from tests.fakes import GOOD_WORDS, PlantedLM, planted_task, quality
+from tests.fakes import GOOD_WORDS, PlantedLM, planted_task, quality, resumed_and_uninterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,14 +125,7 @@ def test_seed_lists_are_the_papers_size_and_free_of_planted_words():
 
 def test_promptbreeder_state_pickles_and_resumes_identically():
     task, method = planted_task(), Promptbreeder(pop_size=4)
-    full, _ = run(method, task, PlantedLM(), steps=4, seed=9)
-    lm, rng = PlantedLM(), np.random.default_rng(9)
-    state = method.init(task, lm, lm, rng)
-    for _ in range(2):
-        state, _ = method.step(state, task, lm, lm, rng)
-    state, rng = pickle.loads(pickle.dumps((state, rng)))
-    for _ in range(2):
-        state, _ = method.step(state, task, lm, lm, rng)
+    state, full = resumed_and_uninterrupted(method, task, PlantedLM, seed=9)
     assert state == full
 
 
