@@ -226,9 +226,9 @@ def swap(ids: tuple[int, ...], slot: int, token: int) -> tuple[int, ...]:
     return ids[:slot] + (token,) + ids[slot + 1 :]
 
 
-def label_requests(task: Task, examples: Sequence[Example]) -> list[tuple[str, str]]:
-    """(context with the prompt slot, correct label continuation) per example."""
-    return [(task.render(PROMPT_SLOT, ex), task.choices(ex)[ex.label]) for ex in examples]
+def label_requests(task: Task, examples: Sequence[Example], slot: str = PROMPT_SLOT) -> list[tuple[str, str]]:
+    """(context with ``slot`` as its instruction, correct label continuation) per example."""
+    return [(task.render(slot, ex), task.choices(ex)[ex.label]) for ex in examples]
 
 
 def objective_table(

@@ -10,13 +10,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from methods.lm import LM, PROMPT_SLOT, Prompt, TextPrompt
+from methods.lm import LM, PROMPT_SLOT, PrefixPrompt, Prompt, TextPrompt
 from tasks.core import Example, Task
 
 
 def slot_text(prompt: Prompt) -> str:
-    """What goes into the template's ``{instruction}`` slot for ``prompt``."""
-    return prompt.text if isinstance(prompt, TextPrompt) else PROMPT_SLOT
+    """What goes into the template's ``{instruction}`` slot for ``prompt``.
+
+    A prefix prompt sits before the whole context (where PEFT puts it), so its slot is empty.
+    """
+    if isinstance(prompt, TextPrompt):
+        return prompt.text
+    return "" if isinstance(prompt, PrefixPrompt) else PROMPT_SLOT
 
 
 def requests_for(task: Task, prompt: Prompt, examples: Sequence[Example]) -> list[tuple[str, str]]:

@@ -57,8 +57,31 @@ class SoftPrompt:
         return f"<soft {self.embeddings.shape[0]}x{self.embeddings.shape[1]}: {words}>"
 
 
-Prompt = Union[TextPrompt, TokenPrompt, SoftPrompt]
-SplicedPrompt = Union[TokenPrompt, SoftPrompt]
+@dataclass(frozen=True, eq=False)
+class PrefixPrompt:
+    """Trainable key/value states prepended at every layer (prefix tuning, Li & Liang 2021).
+
+    The prefix sits before the whole context, where PEFT's prefix tuning puts it, so the
+    task's ``{instruction}`` slot stays empty.
+
+    Attributes:
+        key_values: float32 array ``[n_virtual, n_layers * 2 * kv_dim]`` in the layout of PEFT's
+            ``PrefixEncoder`` weight: per virtual token, layer ``l``'s key states at columns
+            ``2l * kv_dim`` and its value states at ``(2l + 1) * kv_dim``, each ``kv_dim`` wide
+            as ``[kv_heads, head_dim]``.
+        origin: what the prefix started from (e.g. its init text), for humans reading logs.
+    """
+
+    key_values: np.ndarray
+    origin: str = ""
+
+    def describe(self) -> str:
+        shape = f"{self.key_values.shape[0]}x{self.key_values.shape[1]}"
+        return f"<prefix {shape}: from {self.origin!r}>" if self.origin else f"<prefix {shape}>"
+
+
+Prompt = Union[TextPrompt, TokenPrompt, SoftPrompt, PrefixPrompt]
+SplicedPrompt = Union[TokenPrompt, SoftPrompt, PrefixPrompt]
 
 
 @runtime_checkable
@@ -99,7 +122,16 @@ class LM(Protocol):
 
         Returns:
             ``(loss, grad)`` where ``grad`` is ``[n_prompt_tokens, d_model]``: with respect to
-            the soft embeddings, or to the embeddings of the trigger tokens.
+            the soft embeddings, or to the embeddings of the trigger tokens; for a
+            :class:`PrefixPrompt`, shaped like its ``key_values``.
+        """
+        ...
+
+    def prefix_states(self, text: str) -> np.ndarray:
+        """Key/value states of ``text``'s tokens at every layer, in :class:`PrefixPrompt` layout.
+
+        ``[n_tokens, n_layers * 2 * kv_dim]`` float32: a prefix of real words, which is how
+        Li & Liang initialize prefix tuning (random prefixes train slowly and unstably).
         """
         ...
 

@@ -1,19 +1,20 @@
-"""Soft prompt tuning (Lester et al. 2021) and P-tuning (Liu et al. 2021) over a shared frozen LM.
+"""Soft prompt tuning (Lester et al. 2021), P-tuning (Liu et al. 2021) and prefix tuning
+(Li & Liang 2021) over a shared frozen LM.
 
 The LM stays stateless and shared between trials: the method holds the trainable arrays in
-its own state, sends the current soft prompt with each ``prompt_grad`` request, and updates
-the arrays with the returned gradient by a small numpy Adam. The soft prompt sits at the
-task's ``{instruction}`` slot.
+its own state, sends the current prompt with each ``prompt_grad`` request, and updates the
+arrays with the returned gradient by a small numpy Adam.
 
-``encoder="none"`` trains the ``[n_virtual, d_model]`` prompt directly (prompt tuning).
-``encoder="mlp"`` is P-tuning's reparameterization: the prompt is an MLP of trainable
-virtual-token embeddings (PEFT's ``PromptEncoder`` MLP: Linear-ReLU-Linear-ReLU-Linear),
-and the gradient is chained through the MLP here. Only the encoder's *output* ever reaches
-the LM, so it runs through the same protocol; like PEFT, the encoder is discarded after
-training and the prompt it produces is what is exported.
+``space="input"`` trains ``[n_virtual, d_model]`` vectors in the input-embedding space, at the
+task's ``{instruction}`` slot (prompt tuning). ``space="prefix"`` trains key/value states at
+every layer, prepended to the whole context (prefix tuning); they start from the states of
+real words, as Li & Liang recommend, and travel as a :class:`methods.lm.PrefixPrompt`.
 
-Prefix tuning (Li & Liang 2021) is not offered: it trains key/value prefixes at every
-layer, which the protocol (input-space embeddings and their gradient) cannot carry.
+``encoder="none"`` trains the prompt directly. ``encoder="mlp"`` is P-tuning's
+reparameterization: the prompt is an MLP of trainable virtual-token embeddings (PEFT's
+``PromptEncoder`` MLP: Linear-ReLU-Linear-ReLU-Linear), and the gradient is chained through
+the MLP here. Only the encoder's *output* ever reaches the LM, so it runs through the same
+protocol; like PEFT, the encoder is discarded after training and its output is exported.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import numpy as np
 
 from methods.autoprompt import label_requests
 from methods.base import Evaluated, Report
-from methods.evaluate import score_prompts, subsample
-from methods.lm import LM, SoftPrompt
+from methods.evaluate import score_prompts, slot_text, subsample
+from methods.lm import LM, PrefixPrompt, SoftPrompt
 from tasks.core import Task
 
 Arrays = tuple[np.ndarray, ...]
@@ -45,6 +46,7 @@ class SoftPromptState:
         best: the soft prompt ``[n, d]`` with the highest dev score so far (None before any).
         best_nearest: nearest vocabulary token per virtual token of ``best``.
         best_dev: its dev score.
+        origin: the text the prompt started from (named in logs of prefix prompts).
     """
 
     params: Arrays
@@ -55,6 +57,7 @@ class SoftPromptState:
     best: np.ndarray | None = field(default=None, repr=False)
     best_nearest: tuple[str, ...] = ()
     best_dev: float = float("-inf")
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,9 @@ class SoftPromptTuning:
     """Gradient descent on continuous prompt vectors through the shared frozen LM.
 
     Args:
-        n_virtual: virtual tokens in the slot.
+        n_virtual: virtual tokens.
+        space: "input" (vectors in the input-embedding space at the instruction slot) or
+            "prefix" (key/value states at every layer before the context).
         init_from: "text" (the tokens of ``init_text``, repeated or cut to ``n_virtual``: PEFT's
             TEXT init), "sample_vocab" (embeddings of random vocabulary tokens: PEFT's
             SAMPLE_VOCAB) or "random" (Gaussian with the vocabulary's per-dimension mean and std).
@@ -81,6 +86,7 @@ class SoftPromptTuning:
     """
 
     n_virtual: int = 16
+    space: str = "input"
     init_from: str = "text"
     init_text: str = ""
     encoder: str = "none"
@@ -98,6 +104,8 @@ class SoftPromptTuning:
     def __post_init__(self) -> None:
         if self.init_from not in ("text", "sample_vocab", "random"):
             raise ValueError(f"init_from must be text, sample_vocab or random, got {self.init_from!r}")
+        if self.space not in ("input", "prefix"):
+            raise ValueError(f"space must be 'input' or 'prefix', got {self.space!r}")
         if self.encoder not in ("none", "mlp"):
             raise ValueError(f"encoder must be 'none' or 'mlp', got {self.encoder!r}")
         if min(self.n_virtual, self.batch_size, self.encoder_hidden) < 1:
@@ -105,10 +113,13 @@ class SoftPromptTuning:
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> SoftPromptState:
         vocab = np.asarray(scorer.token_embeddings(), dtype=np.float32)
-        prompt = self._initial_prompt(task, scorer, vocab, rng)
+        if self.space == "prefix":
+            prompt, origin = self._initial_prefix(task, scorer, vocab, rng)
+        else:
+            prompt, origin = self._initial_prompt(task, scorer, vocab, rng), ""
         params = (prompt,) if self.encoder == "none" else init_mlp(prompt, self.encoder_hidden, self.residual, rng)
         zeros = tuple(np.zeros_like(p) for p in params)
-        return SoftPromptState(params=params, m=zeros, v=zeros)
+        return SoftPromptState(params=params, m=zeros, v=zeros, origin=origin)
 
     def _initial_prompt(self, task: Task, scorer: LM, vocab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The starting ``[n_virtual, d]`` prompt, float32."""
@@ -119,10 +130,26 @@ class SoftPromptTuning:
         mean, std = vocab.mean(axis=0), vocab.std(axis=0)
         return (mean + std * rng.standard_normal((self.n_virtual, vocab.shape[1]))).astype(np.float32)
 
+    def _initial_prefix(self, task: Task, scorer: LM, vocab: np.ndarray, rng: np.random.Generator):
+        """The starting ``[n_virtual, n_layers * 2 * kv_dim]`` prefix and the text it came from.
+
+        Text and sampled-vocabulary inits are the states of real tokens (Li & Liang); "random"
+        draws each column from the mean and spread of the instruction's states.
+        """
+        text = self.init_text or task.instruction
+        if self.init_from == "sample_vocab":
+            text = scorer.decode([int(i) for i in rng.integers(0, vocab.shape[0], size=self.n_virtual)])
+        states = prefix_init(scorer, text, self.n_virtual)
+        if self.init_from != "random":
+            return states, text
+        noise = rng.standard_normal(states.shape)
+        return (states.mean(axis=0) + states.std(axis=0) * noise).astype(np.float32), "random"
+
     def step(self, state: SoftPromptState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         batch = subsample(task.train, self.batch_size, rng)
         prompt, cache = self._forward(state.params)
-        loss, grad = scorer.prompt_grad(label_requests(task, batch), SoftPrompt(prompt))
+        spliced = self._wrap(prompt, state.origin)
+        loss, grad = scorer.prompt_grad(label_requests(task, batch, slot_text(spliced)), spliced)
         grads = self._backward(state.params, cache, np.asarray(grad, dtype=np.float32))
         grads, grad_norm = clip(grads, self.max_grad_norm)
         params, m, v = adam(state.params, grads, state.m, state.v, state.t + 1, self)
@@ -152,18 +179,25 @@ class SoftPromptTuning:
         # A fixed dev subset keeps scores comparable across steps.
         dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
         prompt = self._forward(state.params)[0]
-        vocab = np.asarray(scorer.token_embeddings(), dtype=np.float32)
-        soft = SoftPrompt(prompt, tuple(scorer.decode([i]) for i in nearest_tokens(prompt, vocab)))
-        (score,) = score_prompts(task, [soft], dev, scorer)
-        record = Evaluated(soft.describe(), score, len(dev), "soft")
+        nearest = ()
+        if self.space == "input":  # prefix states live in no vocabulary space
+            vocab = np.asarray(scorer.token_embeddings(), dtype=np.float32)
+            nearest = tuple(scorer.decode([i]) for i in nearest_tokens(prompt, vocab))
+        spliced = self._wrap(prompt, state.origin, nearest)
+        (score,) = score_prompts(task, [spliced], dev, scorer)
+        record = Evaluated(spliced.describe(), score, len(dev), self.space if self.space == "prefix" else "soft")
         if score > state.best_dev:
-            state = replace(state, best=prompt.copy(), best_nearest=soft.nearest, best_dev=score)
+            state = replace(state, best=prompt.copy(), best_nearest=nearest, best_dev=score)
         return state, (record,)
 
-    def best(self, state: SoftPromptState) -> SoftPrompt:
+    def _wrap(self, prompt: np.ndarray, origin: str, nearest: tuple[str, ...] = ()) -> SoftPrompt | PrefixPrompt:
+        """The array as the prompt type of this method's space."""
+        return PrefixPrompt(prompt, origin) if self.space == "prefix" else SoftPrompt(prompt, nearest)
+
+    def best(self, state: SoftPromptState) -> SoftPrompt | PrefixPrompt:
         if state.best is not None:
-            return SoftPrompt(state.best, state.best_nearest)
-        return SoftPrompt(self._forward(state.params)[0])
+            return self._wrap(state.best, state.origin, state.best_nearest)
+        return self._wrap(self._forward(state.params)[0], state.origin)
 
     def done(self, state: SoftPromptState) -> bool:
         return False
@@ -183,6 +217,25 @@ def text_init(ids: Sequence[int], vocab: np.ndarray, n_virtual: int) -> np.ndarr
         raise ValueError("init text tokenizes to nothing")
     reps = -(-n_virtual // len(ids))
     return vocab[(list(ids) * reps)[:n_virtual]].astype(np.float32)
+
+
+def prefix_init(scorer: LM, text: str, n_virtual: int) -> np.ndarray:
+    """The states of the first ``n_virtual`` tokens of ``text`` (repeated until long enough).
+
+    Repeating the text, not the rows, keeps every row a state of a real token at its own
+    position (keys carry their position through rotary embeddings).
+
+    Returns:
+        ``[n_virtual, n_layers * 2 * kv_dim]`` float32.
+    """
+    n_tokens = len(scorer.tokenize(text))
+    if n_tokens == 0:
+        raise ValueError("init text tokenizes to nothing")
+    reps = -(-n_virtual // n_tokens)
+    states = np.asarray(scorer.prefix_states(" ".join([text] * reps)), dtype=np.float32)
+    if states.shape[0] < n_virtual:
+        raise ValueError(f"init text gives {states.shape[0]} prefix states, fewer than n_virtual={n_virtual}")
+    return states[:n_virtual].copy()
 
 
 def nearest_tokens(prompt: np.ndarray, vocab: np.ndarray) -> list[int]:

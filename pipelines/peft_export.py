@@ -1,4 +1,8 @@
-"""Export a trained soft prompt as a PEFT prompt-tuning adapter, and read one back.
+"""Export a trained soft prompt (or prefix) as a PEFT adapter, and read one back.
+
+A prefix is exported as a ``PrefixTuningConfig`` adapter in inference layout (the flat
+``[n_virtual, n_layers * 2 * kv_dim]`` states, PEFT's layout exactly; see
+:mod:`pipelines.lm.prefix`); PEFT prepends it to every sequence, where it was trained.
 
 The adapter is an ordinary ``PromptTuningConfig`` checkpoint, so anyone can use it with
 ``PeftModel.from_pretrained(base_model, out_dir)``; a P-tuning run exports the prompt its
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 ADAPTER = "default"
@@ -85,3 +89,34 @@ def load_soft_prompt(out_dir: str | Path, base_model: str | PreTrainedModel) -> 
     """
     peft_model = PeftModel.from_pretrained(_as_model(base_model), str(out_dir))
     return peft_model.get_prompt_embedding_to_save(ADAPTER).float().numpy()
+
+
+def save_prefix(base_model: str | PreTrainedModel, key_values: np.ndarray, out_dir: str | Path) -> Path:
+    """Write prefix states ``[n_virtual, n_layers * 2 * kv_dim]`` as a PEFT prefix-tuning adapter.
+
+    Saved without the reparameterization MLP (``prefix_projection=False``): the states
+    themselves are the adapter, as PEFT keeps them for inference.
+    """
+    flat = np.asarray(key_values, dtype=np.float32)
+    if flat.ndim != 2:
+        raise ValueError(f"prefix must be [n_virtual, n_layers * 2 * kv_dim], got shape {flat.shape}")
+    model = _as_model(base_model)
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=flat.shape[0], prefix_projection=False,
+        base_model_name_or_path=base_model if isinstance(base_model, (str, Path)) else None,
+    )
+    peft_model = get_peft_model(model, config)
+    weight = peft_model.prompt_encoder[ADAPTER].embedding.weight
+    if tuple(weight.shape) != flat.shape:
+        raise ValueError(f"prefix is {flat.shape} but this model's prefix-tuning states are {tuple(weight.shape)}")
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(flat).to(weight.dtype))
+    out = Path(out_dir)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def load_prefix(out_dir: str | Path, base_model: str | PreTrainedModel) -> np.ndarray:
+    """The ``[n_virtual, n_layers * 2 * kv_dim]`` float32 states of a PEFT prefix-tuning adapter."""
+    peft_model = PeftModel.from_pretrained(_as_model(base_model), str(out_dir))
+    return peft_model.prompt_encoder[ADAPTER].embedding.weight.detach().float().numpy()

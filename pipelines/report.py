@@ -28,9 +28,13 @@ from matplotlib.figure import Figure
 from pipelines.results import read_jsonl
 
 BASELINE = "manual"
-FAMILIES = {"TextPrompt": "text instruction", "TokenPrompt": "trigger tokens", "SoftPrompt": "soft prompt"}
+FAMILIES = {
+    "TextPrompt": "text instruction", "TokenPrompt": "trigger tokens", "SoftPrompt": "soft prompt",
+    "PrefixPrompt": "key/value prefix",
+}
 PROMPT_WIDTH = 80
 SOFT_DESCRIPTION = re.compile(r"^<soft (\d+)x(\d+): (.*)>$", re.S)
+PREFIX_DESCRIPTION = re.compile(r"^<prefix (\d+)x(\d+)(?:: from (.*))?>$", re.S)
 
 
 class ReportError(Exception):
@@ -110,6 +114,9 @@ def _family_view(row: dict) -> tuple[str, str]:
     kind, text = row.get("prompt_kind", ""), str(row.get("best_prompt", ""))
     if kind == "TokenPrompt":
         return text, str(list(row.get("prompt_tokens") or []))
+    if kind == "PrefixPrompt" and (match := PREFIX_DESCRIPTION.match(text)):
+        origin = f"(trained from {match.group(3)})" if match.group(3) else "(trained)"
+        return origin, f"{match.group(1)} positions x {match.group(2)} key/value numbers"
     match = SOFT_DESCRIPTION.match(text) if kind == "SoftPrompt" else None
     return (match.group(3), f"{match.group(1)} vectors x {match.group(2)} dims") if match else (text, "")
 

@@ -21,10 +21,11 @@ TEST = {  # (task, method) -> test score per seed; the report's means must come 
     ("mmlu", "soft"): [0.60, math.nan],
     ("sst2", "manual"): [0.70],
     ("sst2", "opro"): [0.82, 0.86],
+    ("sst2", "prefix"): [0.75],
 }
-DEV = {"manual": 0.0, "ape": 0.1, "opro": 0.1, "autoprompt": 0.05, "soft": 0.15}
+DEV = {"manual": 0.0, "ape": 0.1, "opro": 0.1, "autoprompt": 0.05, "soft": 0.15, "prefix": 0.12}
 KIND = {"manual": "TextPrompt", "ape": "TextPrompt", "opro": "TextPrompt", "autoprompt": "TokenPrompt",
-        "soft": "SoftPrompt"}
+        "soft": "SoftPrompt", "prefix": "PrefixPrompt"}
 
 
 def _prompt(method: str, seed: int) -> tuple[str, dict]:
@@ -32,6 +33,8 @@ def _prompt(method: str, seed: int) -> tuple[str, dict]:
         return f"answer truly seed{seed}", {"prompt_tokens": [101, 2204 + seed, 3185]}
     if method == "soft":
         return f"<soft 8x64: the correct option seed{seed}>", {"prompt_tokens": []}
+    if method == "prefix":
+        return "<prefix 8x11520: from 'Classify the review'>", {}
     if method == "opro":
         return (LONG if seed == 1 else "Classify | the `sentiment` *now*"), {}
     return f"{method} instruction seed{seed}", {}
@@ -134,6 +137,8 @@ def test_family_section_shows_trigger_tokens_and_nearest_words(run_dir):
     assert "the correct option seed1" in soft and "8 vectors x 64 dims" in soft and "&lt;soft" not in soft
     kinds = [line.split("|")[1].strip() for line in mmlu.splitlines() if line.startswith("| ") and "family" not in line]
     assert kinds == ["text instruction", "text instruction", "trigger tokens", "soft prompt"]
+    prefix = _line(family.split("### sst2")[1], "| key/value prefix | prefix |")
+    assert "trained from 'Classify the review'" in prefix and "8 positions x 11520 key/value numbers" in prefix
 
 
 def test_group_table_is_subject_by_method(run_dir):

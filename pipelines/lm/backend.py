@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from methods.lm import SoftPrompt, SplicedPrompt, TokenPrompt
-from pipelines.lm import loading
+from methods.lm import PrefixPrompt, SoftPrompt, SplicedPrompt, TokenPrompt
+from pipelines.lm import loading, sampling
+from pipelines.lm.prefix import KVShape, from_layers, split_by_prefix, to_layers
 from pipelines.lm.splice import (
     Encoder,
     Group,
@@ -106,8 +107,9 @@ class HFBackend:
         self.max_batch_tokens, self.min_prefix = max_batch_tokens, min_prefix
         self.encoder = Encoder(tokenizer)
         self._usage = {"calls": 0, "requests": 0, "forward_tokens": 0, "padded_tokens": 0, "head_positions": 0}
+        self.kv_shape = KVShape.of(self.config)
         self._full_logits = not self._head_matches()
-        self._eos = _eos_ids(model, tokenizer)
+        self._eos = sampling.eos_ids(model, tokenizer)
 
     # ------------------------------------------------------------------ protocol
 
@@ -119,45 +121,75 @@ class HFBackend:
         """Sum of ``log p(continuation | context)`` per request: float64 ``[n]``, request order."""
         requests = list(requests)
         self._count(len(requests))
+        prompts = normalize_prompts(prompt, len(requests))
         out = np.zeros(len(requests), dtype=np.float64)
-        contexts, conts, table = encode_requests(self.encoder, requests, normalize_prompts(prompt, len(requests)))
-        self._check_length(contexts, conts)
+        for prefix, idx in split_by_prefix(prompts):
+            part = [None if prefix else prompts[i] for i in idx]
+            out[idx] = self._loglik([requests[i] for i in idx], part, prefix)
+        return out
+
+    def _loglik(self, requests: list, prompts: list, prefix: PrefixPrompt | None) -> np.ndarray:
+        """Scores of requests that share one prefix prompt (or none)."""
+        out = np.zeros(len(requests), dtype=np.float64)
+        contexts, conts, table = encode_requests(self.encoder, requests, prompts)
+        self._check_length(contexts, conts, prefix)
         soft = self._soft(table.array())
         rows = build_rows(contexts, conts)
         groups = plan_groups(rows, self.min_prefix) if self.min_prefix > 0 else [Group(0, tuple(rows))]
         with torch.inference_mode():
+            virtual = None if prefix is None else to_layers(self._prefix_tensor(prefix), self.kv_shape)
             for group in groups:
-                self._score_group(group.rows, group.prefix_len, soft, out)
+                self._score_group(group.rows, group.prefix_len, soft, out, virtual)
         return out
 
     def prompt_grad(self, requests: Sequence[tuple[str, str]], prompt: SplicedPrompt) -> tuple[float, np.ndarray]:
-        """Mean NLL of the continuations and its gradient w.r.t. the prompt's input embeddings.
+        """Mean NLL of the continuations and its gradient w.r.t. the prompt's trainable states.
 
         Returns:
             ``(loss, grad)``; ``grad`` is float32 ``[n_prompt_tokens, d_model]``: w.r.t. the soft
             vectors, or w.r.t. the embeddings of the trigger tokens at their positions (summed
-            over every position a trigger occupies, as the mean loss sees them).
+            over every position a trigger occupies, as the mean loss sees them); for a prefix
+            prompt, shaped like its ``key_values``.
         """
         requests = list(requests)
-        if not isinstance(prompt, (TokenPrompt, SoftPrompt)):
-            raise TypeError(f"prompt_grad needs a TokenPrompt or SoftPrompt, got {type(prompt).__name__}")
+        if not isinstance(prompt, (TokenPrompt, SoftPrompt, PrefixPrompt)):
+            raise TypeError(f"prompt_grad needs a token, soft or prefix prompt, got {type(prompt).__name__}")
         if isinstance(prompt, TokenPrompt):  # trigger tokens become soft vectors equal to their embeddings
             prompt = SoftPrompt(self.embed.weight[list(prompt.ids)].detach().double().cpu().numpy())
         self._count(len(requests))
+        is_prefix = isinstance(prompt, PrefixPrompt)
+        array = prompt.key_values if is_prefix else prompt.embeddings
         if not requests:
-            return 0.0, np.zeros(np.shape(prompt.embeddings), dtype=np.float32)
-        contexts, conts, table = encode_requests(self.encoder, requests, [prompt] * len(requests))
-        self._check_length(contexts, conts)
-        leaf = self._soft(table.array()).requires_grad_(True)
+            return 0.0, np.zeros(np.shape(array), dtype=np.float32)
+        contexts, conts, table = encode_requests(self.encoder, requests, [None if is_prefix else prompt] * len(requests))
+        self._check_length(contexts, conts, prompt if is_prefix else None)
+        leaf = (self._prefix_tensor(prompt) if is_prefix else self._soft(table.array())).requires_grad_(True)
         total = 0.0
         with torch.enable_grad():
             for batch in batches(build_rows(contexts, conts), suffix_length(0), self.max_batch_tokens):
-                logp, _ = self._target_logprobs(self._hidden(batch, 0, None, leaf), batch, 0)
+                virtual = to_layers(leaf, self.kv_shape) if is_prefix else None
+                hidden = self._hidden(batch, 0, virtual, None if is_prefix else leaf)
+                logp, _ = self._target_logprobs(hidden, batch, 0)
                 loss = -logp.sum() / len(requests)
                 loss.backward()
                 total += float(loss.detach())
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         return total, grad.detach().float().cpu().numpy()
+
+    def prefix_states(self, text: str) -> np.ndarray:
+        """Every layer's key/value states of ``text``, float32 ``[n_tokens, n_layers * 2 * kv_dim]``.
+
+        The tokens are the ones a context of ``text`` would get (BOS included when the
+        tokenizer adds one), at positions from 0, so the states can stand as a prefix.
+        """
+        ids = torch.tensor([self.encoder.context(text, None)], device=self.device)
+        with torch.inference_mode():
+            cache = DynamicCache(config=self.config)
+            self.decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            flat = from_layers([(layer[0], layer[1]) for layer in cache])
+        if flat.shape[1] != self.kv_shape.width:
+            raise ValueError(f"this model's cache is {flat.shape[1]} wide per token, not {self.kv_shape.width}")
+        return flat.float().cpu().numpy()
 
     def generate(
         self,
@@ -184,7 +216,7 @@ class HFBackend:
         texts: dict[tuple[int, int], str] = {}
         with torch.inference_mode():
             for batch in batches(jobs, lambda job: len(prompts[job[0]]) + max_new_tokens, self.max_batch_tokens):
-                gens = [_row_generator(seed, i, j, device=self.device) for i, j in batch]
+                gens = [sampling.row_generator(seed, i, j, device=self.device) for i, j in batch]
                 outs = self._sample([prompts[i] for i, _ in batch], gens, max_new_tokens, temperature, stop)
                 texts.update(zip(batch, outs))
         return [[texts[(i, j % draws)] for j in range(n)] for i in range(len(contexts))]
@@ -215,13 +247,14 @@ class HFBackend:
         self._usage["calls"] += 1
         self._usage["requests"] += n_requests
 
-    def _check_length(self, contexts: Sequence[tuple], conts: Sequence[tuple]) -> None:
-        """Refuse requests longer than the model's context window.
+    def _check_length(self, contexts: Sequence[tuple], conts: Sequence[tuple], prefix: PrefixPrompt | None = None) -> None:
+        """Refuse requests longer than the model's context window (a prefix's states count).
 
         Past it, position embeddings extrapolate (or wrap) and the scores are quietly wrong.
         """
         limit = getattr(self.config, "max_position_embeddings", None)
-        longest = max((len(c) + len(k) - 1 for c, k in zip(contexts, conts)), default=0)
+        extra = 0 if prefix is None else np.shape(prefix.key_values)[0]
+        longest = extra + max((len(c) + len(k) - 1 for c, k in zip(contexts, conts)), default=0)
         if limit and longest > limit:
             raise ValueError(f"a prompt of {longest} tokens exceeds the model's context of {limit} tokens; "
                              "shorten the inputs (or the instruction)")
@@ -234,9 +267,19 @@ class HFBackend:
             raise ValueError(f"soft prompt width {table.shape[1]} != model width {self.embed.weight.shape[1]}")
         return torch.tensor(table, dtype=self.embed.weight.dtype, device=self.device)
 
-    def _score_group(self, rows: Sequence[Row], prefix_len: int, soft, out: np.ndarray) -> None:
-        """Add the targets' log-probs of rows sharing ``prefix_len`` keys into ``out``."""
-        prefix = self._prefix_kv(rows[0].keys[:prefix_len], soft) if prefix_len else None
+    def _prefix_tensor(self, prefix: PrefixPrompt) -> torch.Tensor:
+        """A prefix prompt's flat states as a tensor in the model's dtype, ``[n_virtual, width]``."""
+        flat = np.asarray(prefix.key_values)
+        if flat.ndim != 2 or flat.shape[1] != self.kv_shape.width:
+            raise ValueError(f"prefix must be [n_virtual, {self.kv_shape.width}] for this model, got {flat.shape}")
+        return torch.tensor(flat, dtype=self.embed.weight.dtype, device=self.device)
+
+    def _score_group(self, rows: Sequence[Row], prefix_len: int, soft, out: np.ndarray, virtual=None) -> None:
+        """Add the targets' log-probs of rows sharing ``prefix_len`` keys into ``out``.
+
+        ``virtual`` is a prefix prompt's per-layer states: every row attends to them first.
+        """
+        prefix = self._prefix_kv(rows[0].keys[:prefix_len], soft, virtual) if prefix_len else virtual
         for batch in batches(rows, suffix_length(prefix_len), self.max_batch_tokens):
             hidden = self._hidden(batch, prefix_len, prefix, soft)
             logp, reqs = self._target_logprobs(hidden, batch, prefix_len)
@@ -250,9 +293,9 @@ class HFBackend:
         spliced = soft[(-keys - 1).clamp(min=0)]
         return {"inputs_embeds": torch.where((keys < 0)[..., None], spliced.to(embeds.dtype), embeds)}
 
-    def _prefix_kv(self, keys: tuple[int, ...], soft) -> PrefixKV:
-        """Per-layer ``(key, value)`` states ``[1, heads, P, head_dim]`` of one shared prefix."""
-        cache = DynamicCache(config=self.config)
+    def _prefix_kv(self, keys: tuple[int, ...], soft, virtual: PrefixKV | None = None) -> PrefixKV:
+        """Per-layer ``(key, value)`` states ``[1, heads, P, head_dim]`` of one shared prefix (after ``virtual``)."""
+        cache = DynamicCache(config=self.config) if virtual is None else DynamicCache(virtual, config=self.config)
         ids = torch.tensor([keys], device=self.device)
         self.decoder(**self._inputs(ids, soft), past_key_values=cache, use_cache=True)
         self._usage["forward_tokens"] += len(keys)
@@ -328,7 +371,7 @@ class HFBackend:
             )
             self._usage["forward_tokens"] += int(mask[:, -ids.shape[1] :].sum())
             self._usage["padded_tokens"] += ids.numel()
-            tokens = _next_tokens(out.logits[:, -1], gens, temperature)
+            tokens = sampling.next_tokens(out.logits[:, -1], gens, temperature)
             for r, tok in enumerate(tokens):
                 finished[r] = finished[r] or self._append(new[r], tok, stop)
             if all(finished):
@@ -336,14 +379,14 @@ class HFBackend:
             ids = torch.tensor(tokens, device=self.device)[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
-        return [_cut(self.tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]
+        return [sampling.cut(self.tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]
 
     def _append(self, tokens: list[int], tok: int, stop: Sequence[str]) -> bool:
         """Add a sampled token to a row; True when the row is finished (EOS or a stop string)."""
         if tok in self._eos:
             return True
         tokens.append(tok)
-        return bool(stop) and _stop_index(self.tokenizer.decode(tokens, skip_special_tokens=True), stop) is not None
+        return bool(stop) and sampling.stop_index(self.tokenizer.decode(tokens, skip_special_tokens=True), stop) is not None
 
     def _head_matches(self) -> bool:
         """Whether ``head(decoder(x))`` reproduces the model's logits.
@@ -359,37 +402,3 @@ class HFBackend:
             mine = self.head(self.decoder(input_ids=ids, use_cache=False).last_hidden_state)
         return bool(torch.allclose(full.float(), mine.float(), rtol=1e-3, atol=1e-3))
 
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a completion: the generation config's EOS ids and the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return list(dict.fromkeys(ids))
-
-
-def _row_generator(seed: int, i: int, j: int, device: torch.device) -> torch.Generator:
-    """A generator private to sample ``j`` of context ``i``: independent of the rest of the call."""
-    state = np.random.SeedSequence([int(seed), i, j]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def _next_tokens(logits: torch.Tensor, gens: Sequence[torch.Generator], temperature: float) -> list[int]:
-    """One token per row of ``logits [b, vocab]``: argmax at temperature 0, else sampled."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1).tolist()
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
-
-
-def _stop_index(text: str, stop: Sequence[str]) -> int | None:
-    """Where the earliest stop string starts in ``text``; ``None`` when none occurs."""
-    hits = [k for k in (text.find(s) for s in stop if s) if k >= 0]
-    return min(hits) if hits else None
-
-
-def _cut(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) the earliest stop string."""
-    k = _stop_index(text, stop)
-    return text if k is None else text[:k]

@@ -235,6 +235,9 @@ class BudgetedLM:
     def token_embeddings(self) -> np.ndarray:
         return self.inner.token_embeddings()
 
+    def prefix_states(self, text: str) -> np.ndarray:
+        return self.inner.prefix_states(text)
+
     def tokenize(self, text: str) -> list[int]:
         return self.inner.tokenize(text)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from methods.lm import SoftPrompt, TokenPrompt
+from methods.lm import PrefixPrompt, SoftPrompt, TokenPrompt
 
 # Model-config keys that change how fast a model runs, not what it answers.
 RUNTIME_KEYS = frozenset({
@@ -94,9 +94,10 @@ def prompt_id(prompt) -> str:
         return ""
     if isinstance(prompt, TokenPrompt):
         return "tok:" + ",".join(map(str, prompt.ids))
-    if isinstance(prompt, SoftPrompt):
-        emb = np.ascontiguousarray(prompt.embeddings)
-        return f"soft:{emb.dtype}:{emb.shape}:" + hashlib.sha256(emb.tobytes()).hexdigest()
+    if isinstance(prompt, (SoftPrompt, PrefixPrompt)):
+        kind, arr = ("soft", prompt.embeddings) if isinstance(prompt, SoftPrompt) else ("prefix", prompt.key_values)
+        arr = np.ascontiguousarray(arr)
+        return f"{kind}:{arr.dtype}:{arr.shape}:" + hashlib.sha256(arr.tobytes()).hexdigest()
     raise TypeError(f"cannot key a prompt of type {type(prompt).__name__}")
 
 
@@ -259,6 +260,9 @@ class CachedLM:
 
     def token_embeddings(self) -> np.ndarray:
         return self.inner.token_embeddings()
+
+    def prefix_states(self, text: str) -> np.ndarray:
+        return self.inner.prefix_states(text)
 
     def tokenize(self, text: str) -> list[int]:
         return self.inner.tokenize(text)

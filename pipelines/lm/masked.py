@@ -18,7 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from methods.lm import PROMPT_SLOT, SoftPrompt, SplicedPrompt, TokenPrompt
+from methods.lm import PROMPT_SLOT, PrefixPrompt, SoftPrompt, SplicedPrompt, TokenPrompt
+
+# Prefix states are spliced into a causal model's key/value cache; this backend has no such path.
+PREFIX_NEEDS_CAUSAL = "prefix tuning is implemented for causal LMs only; with a masked LM use soft_prompt"
 
 # A request's input: (keys, number of masks). Keys >= 0 are vocabulary ids; key -j-1 is
 # row j of the call's soft table (soft prompt vectors or trigger embeddings).
@@ -108,6 +111,9 @@ class MaskedLMBackend:
         """Input embedding matrix ``[vocab, d_model]``, float32."""
         return self.embed.weight.detach().float().cpu().numpy()
 
+    def prefix_states(self, text: str) -> np.ndarray:
+        raise NotImplementedError(PREFIX_NEEDS_CAUSAL)
+
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -182,6 +188,8 @@ class MaskedLMBackend:
 
 
 def _per_request(prompt, n: int) -> list:
+    if isinstance(prompt, PrefixPrompt) or (isinstance(prompt, (list, tuple)) and any(isinstance(p, PrefixPrompt) for p in prompt)):
+        raise NotImplementedError(PREFIX_NEEDS_CAUSAL)
     if prompt is None or isinstance(prompt, (TokenPrompt, SoftPrompt)):
         return [prompt] * n
     prompts = list(prompt)

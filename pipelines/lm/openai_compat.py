@@ -246,6 +246,9 @@ class OpenAICompatLM:
     def prompt_grad(self, requests, prompt):
         raise NotImplementedError("prompt gradients need a local model (model@lm.scorer=hf or smollm2), not an HTTP endpoint")
 
+    def prefix_states(self, text: str) -> np.ndarray:
+        raise NotImplementedError("prefix states need a local model (model@lm.scorer=hf or smollm2), not an HTTP endpoint")
+
     def token_embeddings(self) -> np.ndarray:
         raise NotImplementedError("token embeddings need a local model (model@lm.scorer=hf or smollm2), not an HTTP endpoint")
 

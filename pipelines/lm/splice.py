@@ -17,9 +17,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from methods.lm import PROMPT_SLOT, SoftPrompt, TextPrompt, TokenPrompt
+from methods.lm import PROMPT_SLOT, PrefixPrompt, SoftPrompt, TextPrompt, TokenPrompt
 
-AnyPrompt = TokenPrompt | SoftPrompt | TextPrompt
+AnyPrompt = TokenPrompt | SoftPrompt | TextPrompt | PrefixPrompt
 T = TypeVar("T")
 
 
@@ -51,7 +51,7 @@ class Group:
 
 def normalize_prompts(prompt, n: int) -> list[AnyPrompt | None]:
     """One prompt (or ``None``) per request, checking a per-request list's length."""
-    if prompt is None or isinstance(prompt, (TokenPrompt, SoftPrompt, TextPrompt)):
+    if prompt is None or isinstance(prompt, (TokenPrompt, SoftPrompt, TextPrompt, PrefixPrompt)):
         return [prompt] * n
     prompts = list(prompt)
     if len(prompts) != n:
@@ -140,6 +140,8 @@ def encode_requests(
             text, spliced = _splice_text(text, prompt.text), None
         elif isinstance(prompt, SoftPrompt):
             spliced = table.keys(prompt)
+        elif isinstance(prompt, PrefixPrompt):
+            raise TypeError("a prefix prompt is not spliced into the context; score its requests with their prefix states")
         else:
             spliced = None if prompt is None else tuple(int(i) for i in prompt.ids)
         contexts.append(encoder.context(text, spliced))
