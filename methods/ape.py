@@ -4,6 +4,10 @@ Step 0 proposes ``n_prompts`` candidates with APE's forward-generation template,
 completion-style meta-prompt that even small base or instruct models can continue, and
 scores them all on one fixed dev subset in one batched call. Each later step is a round of
 iterative APE: paraphrase the current top ``k`` and keep whatever scores best.
+
+With ``halving_min > 0`` candidates race by successive halving instead: all are scored on
+the first ``halving_min`` dev examples, the better half goes on to twice as many, and so on;
+only the finalists, scored on the whole subset, can be returned or paraphrased.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, TextPrompt
+from methods.racing import successive_halving
 from methods.text import clean_candidates, demo_block, input_texts
 from tasks.core import Task
 
@@ -31,9 +36,14 @@ RESAMPLE_TEMPLATE = (
 
 @dataclass(frozen=True)
 class APEState:
-    """Every scored candidate so far (text, dev score), the round, and proposal counts."""
+    """Every scored candidate so far (text, dev score), the round, and proposal counts.
+
+    ``dropped`` holds candidates a race stopped early (text, score, examples seen): never
+    proposed again, never returned, since their scores come from fewer examples.
+    """
 
     scored: tuple[tuple[str, float], ...] = ()
+    dropped: tuple[tuple[str, float, int], ...] = ()
     round: int = 0
     proposed: int = 0
     usable: int = 0
@@ -53,6 +63,9 @@ class APE:
         temperature: proposer sampling temperature.
         max_new_tokens: proposal length cap.
         include_manual: also score the task's baseline instruction, so APE never returns worse.
+        halving_min: race candidates by successive halving from this many dev examples
+            (0 = score every candidate on the whole dev subset).
+        halving_eta: keep the best ``1/eta`` at each rung of the race.
     """
 
     n_prompts: int = 8
@@ -64,6 +77,8 @@ class APE:
     temperature: float = 0.9
     max_new_tokens: int = 32
     include_manual: bool = False
+    halving_min: int = 0
+    halving_eta: int = 2
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> APEState:
         return APEState()
@@ -74,14 +89,14 @@ class APE:
             extra = [task.instruction] if self.include_manual else []
         else:
             raw, banned, extra = self._resample(state, proposer, rng), [], []
-        seen = [t for t, _ in state.scored]
+        seen = [t for t, _ in state.scored] + [t for t, _, _ in state.dropped]
         candidates = clean_candidates(raw, banned, seen) + [e for e in extra if e not in seen]
-        scored, n_eval = self._score(task, candidates, scorer)
+        scored, dropped, n_eval = self._score(task, candidates, scorer)
         new = replace(
-            state, scored=state.scored + scored, round=state.round + 1,
+            state, scored=state.scored + scored, dropped=state.dropped + dropped, round=state.round + 1,
             proposed=state.proposed + len(raw), usable=state.usable + len(candidates) - len(extra),
         )
-        return new, self._report(new, scored, n_eval)
+        return new, self._report(new, scored, dropped, n_eval)
 
     def _propose(self, task: Task, proposer: LM, rng: np.random.Generator):
         demo_sets = [subsample(task.train, self.n_demos, rng) for _ in range(self.n_prompts)]
@@ -103,19 +118,28 @@ class APE:
         return [s for row in outs for s in row]
 
     def _score(self, task: Task, candidates: list[str], scorer: LM):
+        """``((text, score) on the whole dev subset, (text, score, n) stopped early, its size)``."""
         # A fixed dev subset (not redrawn per round) keeps scores comparable across rounds.
         dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
-        scores = score_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
-        return tuple(zip(candidates, scores)), len(dev)
+        if self.halving_min <= 0 or not candidates:
+            scores = score_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
+            return tuple((c, s) for c, s in zip(candidates, scores)), (), len(dev)
+        race = successive_halving(task, candidates, dev, scorer, self.halving_min, self.halving_eta)
+        full = set(race.finalists())
+        scored = tuple((c, race.scores[i]) for i, c in enumerate(candidates) if i in full)
+        dropped = tuple((c, race.scores[i], race.seen[i]) for i, c in enumerate(candidates) if i not in full)
+        return scored, dropped, len(dev)
 
-    def _report(self, state: APEState, scored, n: int) -> Report:
+    def _report(self, state: APEState, scored, dropped, n: int) -> Report:
         metrics = {
             "dev_score": max((s for _, s in state.scored), default=0.0),
             "proposed": float(state.proposed),
             "usable": float(state.usable),
             "round": float(state.round),
         }
-        return Report(metrics, tuple(Evaluated(t, s, n, "candidate") for t, s in scored))
+        records = [Evaluated(t, s, n, "candidate") for t, s in scored]
+        records += [Evaluated(t, s, n, "dropped") for t, s, n in dropped]
+        return Report(metrics, tuple(records))
 
     def best(self, state: APEState) -> TextPrompt:
         if not state.scored:

@@ -67,3 +67,35 @@ def test_clean_candidates_drops_empty_duplicates_and_copies():
 def test_clean_one_skips_fences_and_headings_small_models_open_with():
     assert clean_one("```\n## Instruction\nClassify each review by its sentiment.\n```") == "Classify each review by its sentiment."
     assert clean_one("```\n```") == ""
+
+
+def test_successive_halving_drops_weak_candidates_early_and_keeps_the_best():
+    from methods.racing import predict_many, successive_halving
+
+    task, lm = planted_task(n_dev=64), PlantedLM()
+    texts = ["the banana", "the good film", "a b c", "good great fine", "film", "nice good", "the", "x y"]
+    race = successive_halving(task, texts, task.dev, lm, min_examples=8, eta=2)
+    # rungs of 8, 16 and 32 examples, then the lone survivor goes straight to all 64
+    assert lm.calls == race.calls == 4
+    assert sorted(race.seen) == [8, 8, 8, 8, 16, 16, 32, 64]
+    assert lm.requests == 2 * (8 * 8 + 4 * 8 + 2 * 16 + 32)  # only new examples are run at each rung
+    (winner,) = race.finalists()
+    full = [task.score(p, task.dev) for p in predict_many(task, texts, task.dev, lm)]
+    assert race.scores[winner] == pytest.approx(full[winner])  # the finalist's score is on the whole subset
+    assert full[winner] >= sorted(full)[-3]  # a race may miss the very best, but not by much here
+    with pytest.raises(ValueError, match="halving"):
+        successive_halving(task, texts, task.dev, lm, min_examples=0)
+
+
+def test_ape_with_halving_scores_fewer_examples_and_never_returns_a_dropped_candidate():
+    task = planted_task(n_dev=64)
+    plain_lm, race_lm = PlantedLM(), PlantedLM()
+    plain, _ = run(APE(n_prompts=12, n_eval=0), task, plain_lm)
+    raced, reports = run(APE(n_prompts=12, n_eval=0, halving_min=8), task, race_lm)
+    assert race_lm.requests < 0.5 * plain_lm.requests
+    dropped = {t for t, _, _ in raced.dropped}
+    assert dropped and APE().best(raced).text not in dropped
+    kinds = {e.kind for e in reports[0].evaluated}
+    assert kinds == {"candidate", "dropped"}
+    assert all(e.n == 64 for e in reports[0].evaluated if e.kind == "candidate")
+    assert quality(APE().best(raced).text) >= quality(task.instruction)
