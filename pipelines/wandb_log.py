@@ -39,5 +39,22 @@ def log_run(cfg: dict, rows: list[dict], run_dir: Path) -> None:
         for r in rows:
             if r.get("status") == "ok":
                 run.summary[f"{r['method']}/seed{r['seed']}/test_score"] = r["test_score"]
+        log_prompt_artifacts(run, rows)
     finally:
         run.finish()
+
+
+def log_prompt_artifacts(run, rows: list[dict]) -> None:
+    """Each trained soft prompt or prefix (a PEFT adapter directory) as a W&B artifact."""
+    import wandb
+
+    for r in rows:
+        path = r.get("artifact")
+        if r.get("status") != "ok" or not path or not Path(path).is_dir():
+            continue
+        kind = "prefix" if r.get("prompt_kind") == "PrefixPrompt" else "soft_prompt"
+        art = wandb.Artifact(f"{r['trial']}-{kind}".replace("/", "_"), type=kind, metadata={
+            "method": r["method"], "seed": r["seed"], "dev_score": r.get("dev_score"), "test_score": r.get("test_score"),
+        })
+        art.add_dir(path)
+        run.log_artifact(art)
