@@ -23,6 +23,8 @@ from pipelines.results import merge_evaluations, trial_results, write_json
 from pipelines.summary import print_table
 from pipelines.trial import TrialContext, run_trial
 
+ACTOR_STATS = "lm_actors.json"  # what each LM actor did; folded into summary.json
+
 
 def start_ray(cfg: dict) -> str:
     """Join the cluster at ``ray.address`` (or ``$RAY_ADDRESS``, as ``ray job submit`` sets it),
@@ -151,10 +153,13 @@ def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict)
         pools = pool_specs(cfg)
         # Held for the whole sweep: an actor whose last handle is dropped is killed.
         try:
-            handles = [start_pool(p, namespace) for p in pools]  # noqa: F841
+            handles = [start_pool(p, namespace) for p in pools]
         except ModelStartError as err:
             raise UserError(str(err)) from err
-        check_context(specs, handles[0])
+        lms = {pool.role: _driver_lm(cfg, pool.role, h) for pool, h in zip(pools, handles) if h}
+        check_context(specs, lms["scorer"])
+        if "proposer" in lms:
+            check_proposer(lms["proposer"])
         ctx = TrialContext(
             run_dir=str(run_dir), namespace=namespace, scorer=_serving(pools[0]), proposer=_serving(pools[1]),
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},
@@ -163,17 +168,40 @@ def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict)
             **trial_settings(cfg),
         )
         grid = _fit(cfg, specs, space, run_dir, ctx)
+        _save_actor_stats(run_dir, pools, handles)
         _check_finished(run_dir)
         return _rows(run_dir, grid)
     finally:
         ray.shutdown()
 
 
-def check_context(specs: list[dict], scorer: list) -> None:
+def _driver_lm(cfg: dict, role: str, handles: list):
+    """A role's LM as the driver uses it: behind the evaluation cache, like a trial's."""
+    from pipelines.lm.budget import Meter
+    from pipelines.lm.cache import CachedLM, EvalStore
+    from pipelines.lm.client import RayLM
+
+    lm = RayLM(handles, usage=Meter())
+    path = cache_path(cfg.get("cache"))
+    return CachedLM(lm, EvalStore(path), model_key(cfg["lm"][role])) if path else lm
+
+
+def _model_error(err: ray.exceptions.RayTaskError, what: str) -> UserError:
+    """One line for a failed check: the load error as it is, anything else prefixed with ``what``."""
+    from pipelines.lm.actor import ModelLoadFailed
+
+    cause = getattr(err, "cause", None) or err
+    return UserError(_first_line(cause) if isinstance(cause, ModelLoadFailed) else f"{what}: {_first_line(cause)}")
+
+
+def check_context(specs: list[dict], scorer) -> None:
     """Score each task's longest example once, with the hand-written instruction.
 
     Data longer than the model's context window then fails here, in one line, instead of in
-    every trial; the backend refuses such requests (see ``HFBackend._check_length``).
+    every trial; the backend refuses such requests (see ``HFBackend._check_length``). The
+    check goes through the evaluation cache: a request found there was scored before, so it
+    fits, and a re-run answered from the cache loads no model for it. Otherwise this is the
+    scorer's first request: a model that cannot load fails here, in one line, too.
     """
     from pipelines.trial import build
 
@@ -185,10 +213,37 @@ def check_context(specs: list[dict], scorer: list) -> None:
         longest = max(examples, key=lambda ex: len(task.render(task.instruction, ex)))
         request = (task.render(task.instruction, longest), max(task.choices(longest), key=len))
         try:
-            ray.get(scorer[0].loglikelihood.remote([request]))
+            scorer.loglikelihood([request])
         except ray.exceptions.RayTaskError as err:
-            cause = getattr(err, "cause", None) or err
-            raise UserError(f"task {spec['task_name']}: {_first_line(cause)}") from err
+            raise _model_error(err, f"task {spec['task_name']}") from err
+
+
+def check_proposer(proposer) -> None:
+    """One greedy token from a proposer that is a model of its own, through the cache.
+
+    Its first request, so a proposer that cannot load fails here in one line rather than in
+    every trial that asks it for prompts; a re-run finds the answer cached and loads nothing.
+    """
+    try:
+        proposer.generate(["Hello"], max_new_tokens=1, temperature=0.0)
+    except ray.exceptions.RayTaskError as err:
+        raise _model_error(err, "proposer") from err
+
+
+def _save_actor_stats(run_dir: Path, pools: list[PoolSpec], handles: list[list]) -> None:
+    """What each LM actor did (calls, batches, model loads), for ``summary.json``.
+
+    A re-run answered wholly from the cache shows ``loaded: false`` for every actor.
+    """
+    stats = {}
+    for spec, pool in zip(pools, handles):
+        if spec.shared_with:
+            continue
+        try:
+            stats[spec.role] = ray.get([h.stats.remote() for h in pool], timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):  # a dead actor must not fail a finished sweep
+            stats[spec.role] = []
+    write_json(run_dir / ACTOR_STATS, stats)
 
 
 def _trainable(cfg: dict, ctx: TrialContext):
@@ -294,7 +349,10 @@ def finish(cfg: dict, rows: list[dict], run_dir: Path, wall_s: float) -> None:
     """Summary file, merged evaluation log, W&B tables, and the table on stdout."""
     n_records = merge_evaluations(run_dir)
     failed = sum(r.get("status") != "ok" for r in rows)
-    write_json(run_dir / "summary.json", {"trials": rows, "failed": failed, "wall_s": wall_s, "evaluations": n_records})
+    actors = run_dir / ACTOR_STATS
+    lm = json.loads(actors.read_text()) if actors.is_file() else {}
+    write_json(run_dir / "summary.json", {"trials": rows, "failed": failed, "wall_s": wall_s, "evaluations": n_records,
+                                          "lm_actors": lm})
     from pipelines.report import write_report
 
     report = write_report(run_dir)

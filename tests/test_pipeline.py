@@ -50,8 +50,48 @@ def test_evaluation_log_matches_what_the_methods_scored(sweep):
 
 def test_one_shared_model_served_every_trial(sweep):
     run_dir, proc = sweep
-    assert proc.stdout.count("replica(s) loaded") == 1  # proposer shares the scorer's actors
+    assert proc.stdout.count("replica(s) ready") == 1  # proposer shares the scorer's actors
     assert not list((run_dir / "tune").glob("*/model*"))
+    actors = json.loads((run_dir / "summary.json").read_text())["lm_actors"]
+    assert list(actors) == ["scorer"] and [a["loads"] for a in actors["scorer"]] == [1]
+
+
+def _summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_a_rerun_answered_by_the_cache_loads_no_model(tmp_path, data_dir):
+    """The same sweep twice against one cache: the second run's actors never build their model."""
+    args = [*TINY[:-1], f"data_dir={data_dir}", f"cache.path={tmp_path / 'evals.sqlite'}", "logger=none",
+            "method.n_prompts=3", "method.n_eval=8", "method.rounds=1"]
+    runs = []
+    for name in ("first", "again"):
+        proc = run_cli(*args, f"hydra.run.dir={tmp_path / name}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs.append(_summary(tmp_path / name))
+    first, again = runs
+    assert [a["loads"] for a in first["lm_actors"]["scorer"]] == [1]
+    assert [(a["loaded"], a["loads"], a["calls"]) for a in again["lm_actors"]["scorer"]] == [(False, 0, 0)]
+    assert all(t["scorer_calls"] == 0 and t["proposer_calls"] == 0 and t["scorer_cache_calls"] > 0 for t in again["trials"])
+
+    def outcome(summary):
+        return sorted((t["method"], t["best_prompt"], t["test_score"]) for t in summary["trials"])
+
+    assert outcome(again) == outcome(first)
+
+
+@pytest.mark.parametrize("role", ["scorer", pytest.param("proposer", marks=pytest.mark.slow)])
+def test_a_model_that_cannot_load_is_one_line_and_exit_2(role, tmp_path, data_dir):
+    """Actors load their model on first use; the driver's first request to each still fails in one line."""
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, "logger=none", f"data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+                   f"model@lm.{role}=hf", f"lm.{role}.model=nope-org/nope-model", f"lm.{role}.engine=torch",
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith(f"error: {role} model failed to load: cannot load model 'nope-org/nope-model'"), proc.stderr[-2000:]
+    assert sum(ln.startswith("error: ") for ln in lines) == 1
+    assert not (run_dir / "summary.json").exists()
 
 
 def test_secrets_never_reach_results_or_wandb(sweep):

@@ -4,6 +4,11 @@ Concurrent trials send their batches independently; the actor coalesces the
 log-likelihood batches that arrive while it is busy into one backend call, so a replica
 sees few large batches instead of many small ones. All model work runs on one executor
 thread: two forward passes competing for the same cores only slow each other down.
+
+The model is loaded lazily, by the first request that needs it: a sweep whose every
+request is answered from the evaluation cache starts its actors in about a second and
+never loads a model. The load runs on the same single executor thread as all model work,
+so concurrent first requests queue behind one load instead of each starting their own.
 """
 
 from __future__ import annotations
@@ -11,10 +16,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
+
+
+class ModelLoadFailed(RuntimeError):
+    """The actor's model could not be built; every request needing it gets this, in one line."""
 
 
 def _expand(prompt: Any, n: int) -> list:
@@ -22,28 +33,93 @@ def _expand(prompt: Any, n: int) -> list:
     return list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * n
 
 
+def _unwrap(err: BaseException) -> BaseException:
+    """The constructor's own error, out of the ``InstantiationException`` Hydra wraps it in.
+
+    Not the innermost cause: a loader's own one-line error (``ModelLoadError("cannot load
+    model 'x': ...")``) names the model, the library error it was raised from does not.
+    """
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def _count_tokens(backend, texts: list) -> int:
+    return sum(len(backend.tokenize(t)) for t in texts)
+
+
 @ray.remote
 class LMActor:
     """Wraps a backend (anything satisfying ``methods.lm.LM``) built from a plain config dict.
 
     Args:
-        backend: a Hydra-style dict with ``_target_`` naming the backend class.
+        backend: a Hydra-style dict with ``_target_`` naming the backend class; built on
+            the first request that needs the model (see :meth:`load`).
         coalesce_ms: how long the first queued batch waits for company before it runs.
+        role: the LM role this actor serves (names the model in load errors).
     """
 
-    def __init__(self, backend: dict, coalesce_ms: float = 2.0) -> None:
-        import hydra.utils
-
-        self._backend = hydra.utils.instantiate(backend, _convert_="all")
+    def __init__(self, backend: dict, coalesce_ms: float = 2.0, role: str = "lm") -> None:
+        self._spec, self._role = dict(backend), role
+        self._backend: Any = None
+        self._load_error = ""  # a failed load is not retried: every later request gets the same error
+        self._load_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._pending: list[tuple[list, list, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
         self._coalesce_s = coalesce_ms / 1000.0
-        self._stats = {"calls": 0, "requests": 0, "batches": 0, "busy_s": 0.0}
+        self._stats = {"calls": 0, "requests": 0, "batches": 0, "busy_s": 0.0, "loads": 0, "load_s": 0.0}
 
     def ready(self) -> dict:
-        """Cheap liveness probe; returns the process id and the backend's description."""
-        return {"pid": os.getpid(), "backend": type(self._backend).__name__}
+        """Cheap liveness probe: the process id, the backend's name, whether its model is loaded."""
+        target = str(self._spec.get("_target_", "?")).rpartition(".")[2]
+        return {"pid": os.getpid(), "backend": target, "loaded": self._backend is not None}
+
+    async def load(self) -> dict:
+        """Load the model now (a no-op once loaded); returns :meth:`ready`'s answer."""
+        await self._call(lambda backend: None)
+        return self.ready()
+
+    def _model(self) -> Any:
+        """The backend, built on first use; runs on the executor thread."""
+        with self._load_lock:
+            if self._backend is None:
+                if self._load_error:
+                    raise ModelLoadFailed(self._load_error)
+                self._backend = self._build()
+            return self._backend
+
+    def _build(self) -> Any:
+        import hydra.utils
+
+        start = time.perf_counter()
+        try:
+            backend = hydra.utils.instantiate(self._spec, _convert_="all")
+        except Exception as err:  # noqa: BLE001 - reported to every caller as one line
+            self._load_error = f"{self._role} model failed to load: {_one_line(_unwrap(err))}"
+            raise ModelLoadFailed(self._load_error) from err
+        self._stats["loads"] += 1
+        self._stats["load_s"] += time.perf_counter() - start
+        return backend
+
+    async def _call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """``fn(backend, *args, **kwargs)`` on the model thread, loading the backend first if needed."""
+        return await self._run(lambda: fn(self._model(), *args, **kwargs))
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn)
+        finally:
+            self._stats["busy_s"] += time.perf_counter() - start
 
     async def loglikelihood(self, requests: list, prompt: Any = None) -> dict:
         """``{"result": float64 [n], "tokens": int}``; tokens counts each distinct context once."""
@@ -55,10 +131,7 @@ class LMActor:
             self._worker = asyncio.create_task(self._drain())
         scores = await fut
         texts = list(dict.fromkeys(c for c, _ in requests)) + [k for _, k in requests]
-        return {"result": scores, "tokens": await self._run(self._count, texts)}
-
-    def _count(self, texts: list) -> int:
-        return sum(len(self._backend.tokenize(t)) for t in texts)
+        return {"result": scores, "tokens": await self._call(_count_tokens, texts)}
 
     async def _drain(self) -> None:
         """Serve pending batches until the queue is empty, merging what has piled up."""
@@ -69,7 +142,7 @@ class LMActor:
             prompts = [p for _, ps, _ in batch for p in ps]
             has_prompt = any(p is not None for p in prompts)
             try:
-                scores = await self._run(self._backend.loglikelihood, requests, prompts if has_prompt else None)
+                scores = await self._call(lambda b: b.loglikelihood(requests, prompts if has_prompt else None))
             except Exception as err:  # every waiting caller gets the error, not a hang
                 for _, _, fut in batch:
                     fut.set_exception(err)
@@ -80,44 +153,40 @@ class LMActor:
                 i += len(reqs)
             self._stats["batches"] += 1
 
-    async def _run(self, fn, *args, **kwargs):
-        start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-        finally:
-            self._stats["busy_s"] += time.perf_counter() - start
-
     async def generate(self, contexts: list, **kwargs) -> dict:
         """``{"result": completions, "tokens": prompt plus generated tokens}``."""
-        out = await self._run(self._backend.generate, contexts, **kwargs)
+        out = await self._call(lambda b: b.generate(contexts, **kwargs))
         texts = list(contexts) + [s for row in out for s in row]
-        return {"result": out, "tokens": await self._run(self._count, texts)}
+        return {"result": out, "tokens": await self._call(_count_tokens, texts)}
 
     async def prompt_grad(self, requests: list, prompt: Any) -> dict:
         """``{"result": (loss, grad), "tokens": int}``."""
-        out = await self._run(self._backend.prompt_grad, requests, prompt)
+        out = await self._call(lambda b: b.prompt_grad(requests, prompt))
         texts = [c + k for c, k in requests]
-        return {"result": out, "tokens": await self._run(self._count, texts)}
+        return {"result": out, "tokens": await self._call(_count_tokens, texts)}
 
     async def token_embeddings(self):
-        return await self._run(self._backend.token_embeddings)
+        return await self._call(lambda b: b.token_embeddings())
 
     async def tokenize_many(self, texts: list) -> list:
-        return await self._run(lambda: [self._backend.tokenize(t) for t in texts])
+        return await self._call(lambda b: [b.tokenize(t) for t in texts])
 
     async def decode(self, ids: list) -> str:
-        return await self._run(self._backend.decode, ids)
+        return await self._call(lambda b: b.decode(ids))
 
     async def export_soft_prompt(self, embeddings, out_dir: str) -> str:
         """Save a soft prompt as a PEFT adapter of this actor's model (no second model copy)."""
-        from pipelines.peft_export import save_soft_prompt
-
-        model = getattr(self._backend, "model", None)
-        if model is None:
-            raise TypeError(f"{type(self._backend).__name__} holds no torch model to export against")
-        return str(await self._run(save_soft_prompt, model, embeddings, out_dir))
+        return str(await self._call(_export_soft_prompt, embeddings, out_dir))
 
     def stats(self) -> dict:
-        """Calls, requests, merged batches and busy seconds since the actor started."""
-        return dict(self._stats)
+        """Calls, requests, merged batches, busy seconds, and model loads since the actor started."""
+        return {**self._stats, "loaded": self._backend is not None}
+
+
+def _export_soft_prompt(backend, embeddings, out_dir: str):
+    from pipelines.peft_export import save_soft_prompt
+
+    model = getattr(backend, "model", None)
+    if model is None:
+        raise TypeError(f"{type(backend).__name__} holds no torch model to export against")
+    return save_soft_prompt(model, embeddings, out_dir)

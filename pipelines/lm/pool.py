@@ -2,7 +2,7 @@
 
 Actors are named within the run's Ray namespace, so a trial (or a restarted trial) looks
 its pool up by role instead of carrying handles through Tune's config, and a restarted
-actor keeps its name.
+actor keeps its name. Actors load their model on first use (see :mod:`pipelines.lm.actor`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class PoolSpec:
 
 
 class ModelStartError(RuntimeError):
-    """An LM actor died while loading its model; the message names the root cause."""
+    """An LM actor died while starting; the message names the root cause."""
 
 
 def _last_error_line(err: BaseException) -> str:
@@ -52,7 +52,11 @@ def actor_name(role: str, i: int) -> str:
 
 
 def start_pool(spec: PoolSpec, namespace: str, timeout_s: float = 900.0) -> list:
-    """Start ``spec.replicas`` named actors and wait until every model is loaded."""
+    """Start ``spec.replicas`` named actors and wait until every one answers.
+
+    The models are not loaded here: each actor loads its own on the first request that
+    needs it, so a sweep answered wholly from the evaluation cache loads none.
+    """
     if spec.shared_with:
         return []
     handles = [
@@ -61,15 +65,16 @@ def start_pool(spec: PoolSpec, namespace: str, timeout_s: float = 900.0) -> list
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
             max_restarts=spec.max_restarts, max_task_retries=spec.max_restarts,
             max_concurrency=1000,
-        ).remote(spec.backend)
+        ).remote(spec.backend, role=spec.role)
         for i in range(spec.replicas)
     ]
     start = time.perf_counter()
     try:
         ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
     except ray.exceptions.ActorDiedError as err:
-        raise ModelStartError(f"{spec.role} model failed to load: {_last_error_line(err)}") from err
-    print(f"[promptsweep] {spec.role}: {spec.replicas} replica(s) loaded in {time.perf_counter() - start:.1f}s", flush=True)
+        raise ModelStartError(f"{spec.role} model actor failed to start: {_last_error_line(err)}") from err
+    print(f"[promptsweep] {spec.role}: {spec.replicas} replica(s) ready in {time.perf_counter() - start:.1f}s "
+          "(the model loads on first use)", flush=True)
     return handles
 
 
