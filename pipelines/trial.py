@@ -23,7 +23,7 @@ import ray
 from ray import tune
 
 from methods.evaluate import predict
-from methods.lm import SoftPrompt, TokenPrompt
+from methods.lm import PrefixPrompt, SoftPrompt, TokenPrompt
 from pipelines.lm.budget import Budget, BudgetedLM, BudgetExhausted, Meter, Price
 from pipelines.lm.cache import CachedLM, EvalStore
 from pipelines.lm.client import RayLM, Usage
@@ -187,9 +187,10 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
     }
     if isinstance(best, TokenPrompt):
         result["prompt_tokens"] = list(best.ids)
-    if isinstance(best, SoftPrompt):
-        out = Path(ctx.run_dir) / "artifacts" / trial_id / "soft_prompt"
-        result["artifact"] = ray.get(scorer.handles[0].export_soft_prompt.remote(best.embeddings, str(out)))
+    if isinstance(best, (SoftPrompt, PrefixPrompt)):
+        kind = "prefix" if isinstance(best, PrefixPrompt) else "soft_prompt"
+        out = Path(ctx.run_dir) / "artifacts" / trial_id / kind
+        result["artifact"] = ray.get(scorer.handles[0].export_prompt.remote(best, str(out)))
     write_json(Path(ctx.run_dir) / "trials" / f"{trial_id}.json", result)
     print(f"[{spec['method_name']} seed={spec['seed']}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
           f"test examples ({run['elapsed']:.0f}s)", flush=True)

@@ -174,19 +174,25 @@ class LMActor:
     async def decode(self, ids: list) -> str:
         return await self._call(lambda b: b.decode(ids))
 
-    async def export_soft_prompt(self, embeddings, out_dir: str) -> str:
-        """Save a soft prompt as a PEFT adapter of this actor's model (no second model copy)."""
-        return str(await self._call(_export_soft_prompt, embeddings, out_dir))
+    async def prefix_states(self, text: str):
+        return await self._call(lambda b: b.prefix_states(text))
+
+    async def export_prompt(self, prompt: Any, out_dir: str) -> str:
+        """Save a soft prompt or prefix as a PEFT adapter of this actor's model (no second model copy)."""
+        return str(await self._call(_export_prompt, prompt, out_dir))
 
     def stats(self) -> dict:
         """Calls, requests, merged batches, busy seconds, and model loads since the actor started."""
         return {**self._stats, "loaded": self._backend is not None}
 
 
-def _export_soft_prompt(backend, embeddings, out_dir: str):
-    from pipelines.peft_export import save_soft_prompt
+def _export_prompt(backend, prompt: Any, out_dir: str):
+    from methods.lm import PrefixPrompt
+    from pipelines.peft_export import save_prefix, save_soft_prompt
 
     model = getattr(backend, "model", None)
     if model is None:
         raise TypeError(f"{type(backend).__name__} holds no torch model to export against")
-    return save_soft_prompt(model, embeddings, out_dir)
+    if isinstance(prompt, PrefixPrompt):
+        return save_prefix(model, prompt.key_values, out_dir)
+    return save_soft_prompt(model, prompt.embeddings, out_dir)

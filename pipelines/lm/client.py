@@ -103,6 +103,9 @@ class RayLM:
             self._embeddings = ray.get(self.handles[0].token_embeddings.remote())
         return self._embeddings
 
+    def prefix_states(self, text: str) -> np.ndarray:
+        return ray.get(self.handles[0].prefix_states.remote(text))
+
     def tokenize(self, text: str) -> list[int]:
         return ray.get(self.handles[0].tokenize_many.remote([text]))[0]
 

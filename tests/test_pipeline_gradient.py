@@ -1,0 +1,35 @@
+"""Soft prompt and prefix tuning end to end: trained through the shared actor, saved as PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import run_cli
+from tests.test_pipeline import TINY
+
+
+def test_soft_and_prefix_trials_train_and_export_peft_adapters(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", "logger=none",
+                   "search=single", "search.methods=[soft_prompt,prefix_tuning]", "search.max_steps=2",
+                   "+search.method_overrides={soft_prompt: {n_virtual: 2, eval_every: 2, n_eval: 8},"
+                   " prefix_tuning: {n_virtual: 3, eval_every: 2, n_eval: 8}}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads((run_dir / "summary.json").read_text())["trials"]}
+    assert rows["prefix_tuning"]["status"] == "ok" and rows["prefix_tuning"]["prompt_kind"] == "PrefixPrompt"
+    assert rows["soft_prompt"]["prompt_kind"] == "SoftPrompt"
+    from pipelines.lm.tiny import tiny_model, tiny_tokenizer
+    from pipelines.peft_export import load_prefix, load_soft_prompt
+
+    vocab = len(tiny_tokenizer())
+    prefix_dir, soft_dir = rows["prefix_tuning"]["artifact"], rows["soft_prompt"]["artifact"]
+    assert prefix_dir.endswith("/prefix") and soft_dir.endswith("/soft_prompt")
+    assert json.loads((Path(prefix_dir) / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    prefix = load_prefix(prefix_dir, tiny_model(vocab))
+    assert prefix.shape[0] == 3 and np.isfinite(prefix).all()
+    assert load_soft_prompt(soft_dir, tiny_model(vocab)).shape == (2, 32)
+    report = (run_dir / "report.md").read_text()
+    assert "key/value prefix" in report and "soft prompt" in report
