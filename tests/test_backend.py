@@ -222,7 +222,7 @@ def test_missing_model_path_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_deepspeed_cpu_engine_matches_torch_engine():
+def test_deepspeed_cpu_engine_matches_torch_engine_in_scores_and_gradients():
     """In a fresh process: DeepSpeed sets up a process group that should not leak into other tests."""
     script = textwrap.dedent(
         """
@@ -235,6 +235,15 @@ def test_deepspeed_cpu_engine_matches_torch_engine():
         ds = HFBackend.from_model(tiny_model(len(tok)), tok, engine="deepspeed")
         assert type(ds.model).__name__ == "LlamaForCausalLM"
         np.testing.assert_allclose(ds.loglikelihood(requests), plain, atol=1e-5)
+        # gradients flow through the engine-wrapped model: soft prompts and prefixes train on it
+        from methods.lm import PrefixPrompt, SoftPrompt
+        rng = np.random.default_rng(0)
+        torch_lm = HFBackend.from_model(tiny_model(len(tok)), tok)
+        for prompt in (SoftPrompt(rng.normal(0, 0.3, (2, 32)).astype(np.float32)),
+                       PrefixPrompt(rng.normal(0, 0.3, (2, torch_lm.kv_shape.width)).astype(np.float32))):
+            (l1, g1), (l2, g2) = ds.prompt_grad(requests, prompt), torch_lm.prompt_grad(requests, prompt)
+            assert abs(l1 - l2) < 1e-5 and np.abs(g1).max() > 0
+            np.testing.assert_allclose(g1, g2, atol=1e-5)
         print("deepspeed ok", ds.engine)
         """
     )
