@@ -124,7 +124,7 @@ class SoftPromptTuning:
     def _initial_prompt(self, task: Task, scorer: LM, vocab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The starting ``[n_virtual, d]`` prompt, float32."""
         if self.init_from == "text":
-            return text_init(scorer.tokenize(self.init_text or task.instruction), vocab, self.n_virtual)
+            return text_init(scorer.tokenize(self._init_text(task)), vocab, self.n_virtual)
         if self.init_from == "sample_vocab":
             return vocab[rng.integers(0, vocab.shape[0], size=self.n_virtual)].copy()
         mean, std = vocab.mean(axis=0), vocab.std(axis=0)
@@ -136,7 +136,7 @@ class SoftPromptTuning:
         Text and sampled-vocabulary inits are the states of real tokens (Li & Liang); "random"
         draws each column from the mean and spread of the instruction's states.
         """
-        text = self.init_text or task.instruction
+        text = self._init_text(task) if self.init_from != "sample_vocab" else ""
         if self.init_from == "sample_vocab":
             text = scorer.decode([int(i) for i in rng.integers(0, vocab.shape[0], size=self.n_virtual)])
         states = prefix_init(scorer, text, self.n_virtual)
@@ -144,6 +144,13 @@ class SoftPromptTuning:
             return states, text
         noise = rng.standard_normal(states.shape)
         return (states.mean(axis=0) + states.std(axis=0) * noise).astype(np.float32), "random"
+
+    def _init_text(self, task: Task) -> str:
+        text = self.init_text or task.instruction
+        if not text.strip():
+            raise ValueError(f"init_from='text' needs text, and task {task.name!r} has no baseline instruction: "
+                             "set init_text (e.g. method.init_text='Answer the question.') or init_from=sample_vocab")
+        return text
 
     def step(self, state: SoftPromptState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         batch = subsample(task.train, self.batch_size, rng)

@@ -129,3 +129,14 @@ def test_prefix_space_is_validated():
     with pytest.raises(ValueError, match="space"):
         SoftPromptTuning(space="kv")
     assert KVShape(2, 2, 8).width == 64
+
+
+def test_text_init_without_any_text_says_what_to_set(lm):
+    import dataclasses
+
+    task = dataclasses.replace(planted_task(), instruction="")
+    for space in ("input", "prefix"):
+        with pytest.raises(ValueError, match="set init_text"):
+            SoftPromptTuning(space=space).init(task, lm, lm, np.random.default_rng(0))
+    state = SoftPromptTuning(space="prefix", n_virtual=2, init_from="sample_vocab").init(task, lm, lm, np.random.default_rng(0))
+    assert state.params[0].shape == (2, lm.kv_shape.width)
