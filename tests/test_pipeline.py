@@ -60,10 +60,15 @@ def _summary(run_dir) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_rerun_answered_by_the_cache_loads_no_model(tmp_path, data_dir):
-    """The same sweep twice against one cache: the second run's actors never build their model."""
+    """The same sweep twice against one cache: the second run's actors never build their model.
+
+    Two whole sweeps (about a minute on two cores), so opt-in; ``tests/test_actor.py`` and
+    ``tests/test_sweep.py`` check the same for a fresh pool and for the driver's checks.
+    """
     args = [*TINY[:-1], f"data_dir={data_dir}", f"cache.path={tmp_path / 'evals.sqlite'}", "logger=none",
-            "method.n_prompts=3", "method.n_eval=8", "method.rounds=1"]
+            "search.methods=[ape]", "method.n_prompts=3", "method.n_eval=8", "method.rounds=1"]
     runs = []
     for name in ("first", "again"):
         proc = run_cli(*args, f"hydra.run.dir={tmp_path / name}")

@@ -8,7 +8,11 @@ thread: two forward passes competing for the same cores only slow each other dow
 The model is loaded lazily, by the first request that needs it: a sweep whose every
 request is answered from the evaluation cache starts its actors in about a second and
 never loads a model. The load runs on the same single executor thread as all model work,
-so concurrent first requests queue behind one load instead of each starting their own.
+so concurrent first requests queue behind one load instead of each starting their own, and
+per-thread settings the backend's constructor makes reach the thread that runs the model:
+``torch.set_num_threads`` (the backend's ``threads``) sets the OpenMP thread count of the
+calling thread only, which on any other thread would leave the model on Ray's
+``OMP_NUM_THREADS`` (the actor's CPU reservation).
 """
 
 from __future__ import annotations
