@@ -5,8 +5,9 @@ Usage:
 
 Runs the same sweep twice through ``python -m pipelines.run`` (default: manual vs APE on SST-2
 with the default model on CPU, at small sizes) against one fresh cache file, then prints for
-each run: scorer calls that reached the model, calls answered by the cache, the trials' own
-time (steps plus test scoring), the sweep's wall time (Ray start and model load included) and
+each run: scorer calls that reached the model, calls answered by the cache, models the LM
+actors loaded (on first use: none when the cache answers everything), the trials' own time
+(steps plus test scoring), the sweep's wall time (Ray start and any model load included) and
 the whole process's; then run 2 as a fraction of run 1. It also checks that both runs found
 the same prompts with the same scores. Other work on the machine slows both runs: the load
 average is printed beside each.
@@ -49,13 +50,16 @@ def run_sweep(overrides: list[str], run_dir: Path, cache: Path) -> dict:
         "scorer_calls": sum(t["scorer_calls"] for t in trials),
         "cache_calls": sum(t["scorer_cache_calls"] for t in trials),
         "proposer_calls": sum(t["proposer_calls"] for t in trials),
+        # models the LM actors loaded (they load on first use: none when the cache answers all)
+        "model_loads": sum(a.get("loads", 0) for pool in summary.get("lm_actors", {}).values() for a in pool),
         "results": sorted((t["method"], t["seed"], t["best_prompt"], t["test_score"]) for t in trials),
     }
 
 
 def report(first: dict, second: dict) -> None:
     rows = [("scorer calls (reached the model)", "scorer_calls", ".0f"), ("scorer calls answered by the cache", "cache_calls", ".0f"),
-            ("proposer calls (reached the model)", "proposer_calls", ".0f"), ("trials' own time, s", "trial_s", ".1f"),
+            ("proposer calls (reached the model)", "proposer_calls", ".0f"), ("models loaded by the LM actors", "model_loads", ".0f"),
+            ("trials' own time, s", "trial_s", ".1f"),
             ("sweep wall time (Ray + model load + trials), s", "sweep_s", ".1f"), ("whole process, s", "process_s", ".1f")]
     print(f"{'':48} {'run 1':>9} {'run 2':>9} {'run 2 / run 1':>14}")
     for label, key, fmt in rows:

@@ -31,6 +31,10 @@ for the one shared model, ``cpus // trials`` (at least 1) for each own model.
 
 Prints the peak memory of each run, the throughputs, checks that A and B give the same
 predictions, and prints the memory ratio of A to one trial (the target is at most 1.3x) last.
+Before that it prints the floor under a trial process's weight: RSS and PSS of a bare actor
+process that imported nothing, only the module Tune wraps every function trainable in, or
+what the trials here import, each with the ratio A / one trial would have if every trial
+process weighed that much (the LM actor as measured in the one-trial run).
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ from tasks.loaders import sst2  # noqa: E402
 # What a sweep's trial process imports (Tune, Hydra, the methods, the cached and budgeted LM).
 TRIAL_MODULES = ("pipelines.trial",)
 TITLES = ("ray::LMActor", "ray::SharedTrial", "ray::OwnModelTrial")
+# What every Tune trial process imports before any code of this project runs: Tune wraps a
+# function trainable in this module, which pulls in ray.air, ray.data, pandas and pyarrow.
+TUNE_MODULES = ("ray.tune.trainable.function_trainable",)
 
 
 @ray.remote
@@ -94,6 +101,17 @@ class OwnModelTrial:
 
     def run(self, batches: list) -> np.ndarray:
         return np.concatenate([self.lm.loglikelihood(b) for b in batches])
+
+
+@ray.remote
+class Probe:
+    """A bare actor that imports ``imports`` and does nothing else: a per-process baseline."""
+
+    def __init__(self, imports: tuple[str, ...]) -> None:
+        load_modules(imports)
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def load_modules(names: tuple[str, ...]) -> None:
@@ -179,6 +197,21 @@ def wait_gone(pids: set[int], timeout_s: float = 60.0) -> None:
     psutil.wait_procs(procs, timeout=timeout_s)
 
 
+def baselines(imports: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """``(what, RSS, PSS)`` of one actor process that imported nothing, only Tune's trainable
+    module, or what the trials here import: the floor under a trial's weight."""
+    out = []
+    for what, mods in (("an idle Ray actor", ()), ("Tune's trainable imports", TUNE_MODULES),
+                       (f"the trials' imports {list(imports)}", imports)):
+        probe = Probe.remote(mods)
+        proc = psutil.Process(ray.get(probe.pid.remote()))
+        info = proc.memory_full_info()
+        out.append((what, info.rss, info.pss))
+        ray.kill(probe)
+        wait_gone({proc.pid})
+    return out
+
+
 def backend_conf(model: str, threads: int) -> dict:
     return {"_target_": "pipelines.lm.backend.HFBackend", "model": model, "threads": threads}
 
@@ -225,6 +258,9 @@ def run_shared(work: list, backend: dict, imports: tuple, sample_s: float, names
 
     def start():
         handles = start_pool(PoolSpec("scorer", backend, num_cpus=1.0, max_restarts=0), namespace)
+        # Actors load lazily; load now so that, as for the own-model trials, the scoring clock
+        # starts with every model in memory.
+        ray.get([h.load.remote() for h in handles])
         trials = [SharedTrial.options(num_cpus=1.0 / len(work)).remote(handles, imports) for _ in work]
         return [*handles, *trials], trials, work
 
@@ -284,12 +320,22 @@ def main() -> None:
         one = run_shared(work[:1], shared_conf, imports, args.sample_s, namespace + "-one")
         shared = run_shared(work, shared_conf, imports, args.sample_s, namespace + "-a")
         own = run_own(work, own_conf, imports, args.sample_s, args.cpus)
+        floor = baselines(imports)
     finally:
         ray.shutdown()
-    report(args, examples, task, one, shared, own)
+    report(args, examples, task, one, shared, own, floor)
 
 
-def report(args, examples, task, one: dict, shared: dict, own: dict) -> None:
+def report_floor(args, one: dict, floor: list[tuple[str, int, int]]) -> None:
+    """What A / one trial would be if each trial process weighed only a baseline process."""
+    lm = one["by_class"].get("LMActor", 0)
+    for what, rss, pss in floor:
+        ratio = (lm + args.trials * rss) / (lm + rss)
+        print(f"one process with {what}: RSS {mib(rss)}, PSS {mib(pss)}; "
+              f"{args.trials} trials of that weight: A / one trial {ratio:.2f}x")
+
+
+def report(args, examples, task, one: dict, shared: dict, own: dict, floor: list) -> None:
     n_all = len(examples)
     for name, r, n in (("one trial", one, args.n), ("A shared", shared, n_all), ("B own model", own, n_all)):
         print(f"{name:12s} peak RSS {mib(r['peak'])} (anonymous {mib(r['anon'])}, PSS at end {mib(r['pss'])}; "
@@ -305,6 +351,7 @@ def report(args, examples, task, one: dict, shared: dict, own: dict) -> None:
           f"with start-up {own['total_s'] / shared['total_s']:.2f}x")
     print(f"peak RSS B / A: {own['peak'] / shared['peak']:.2f}x  "
           f"(anonymous {own['anon'] / shared['anon']:.2f}x, PSS {own['pss'] / shared['pss']:.2f}x)")
+    report_floor(args, one, floor)
     if not same:
         raise SystemExit("shared and own-model scoring disagree on some prediction")
     print(f"peak RSS A / one trial: {shared['peak'] / one['peak']:.2f}x  "
