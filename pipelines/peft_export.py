@@ -54,7 +54,7 @@ def save_soft_prompt(
     Returns:
         ``out_dir`` as a Path.
     """
-    emb = np.asarray(embeddings, dtype=np.float32)
+    emb = np.array(embeddings, dtype=np.float32)  # a copy: arrays from Ray are read-only
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be [n_virtual, d_model], got shape {emb.shape}")
     model = _as_model(base_model)
@@ -97,7 +97,7 @@ def save_prefix(base_model: str | PreTrainedModel, key_values: np.ndarray, out_d
     Saved without the reparameterization MLP (``prefix_projection=False``): the states
     themselves are the adapter, as PEFT keeps them for inference.
     """
-    flat = np.asarray(key_values, dtype=np.float32)
+    flat = np.array(key_values, dtype=np.float32)  # a copy: arrays from Ray are read-only
     if flat.ndim != 2:
         raise ValueError(f"prefix must be [n_virtual, n_layers * 2 * kv_dim], got shape {flat.shape}")
     model = _as_model(base_model)
