@@ -95,7 +95,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             # The unfinished step is dropped whole (its results stay in the cache); the state,
             # the log and the checkpoint are those of the last finished step.
             run["elapsed"] += time.perf_counter() - start
-            print(f"[{spec['method_name']} seed={spec['seed']}] stopped after step {run['step']}: {err}", flush=True)
+            print(f"[{_label(spec)}] stopped after step {run['step']}: {err}", flush=True)
             break
         run["step"] += 1
         run["elapsed"] += time.perf_counter() - start
@@ -121,7 +121,7 @@ def _lm(ctx: TrialContext, role: str) -> BudgetedLM:
 
 def _progress(spec: dict, run: dict, metrics: dict) -> None:
     print(
-        f"[{spec['method_name']} seed={spec['seed']}] step {run['step']}: dev_score={metrics.get('dev_score', float('nan')):.3f} "
+        f"[{_label(spec)}] step {run['step']}: dev_score={metrics.get('dev_score', float('nan')):.3f} "
         f"scorer_calls={int(metrics['scorer_calls'])} ({run['elapsed']:.0f}s)", flush=True,
     )
 
@@ -192,9 +192,15 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         out = Path(ctx.run_dir) / "artifacts" / trial_id / kind
         result["artifact"] = ray.get(scorer.handles[0].export_prompt.remote(best, str(out)))
     write_json(Path(ctx.run_dir) / "trials" / f"{trial_id}.json", result)
-    print(f"[{spec['method_name']} seed={spec['seed']}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
+    print(f"[{_label(spec)}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
           f"test examples ({run['elapsed']:.0f}s)", flush=True)
     tune.report({"test_score": result["test_score"], "dev_score": result["dev_score"], **_usage(run, scorer, proposer)})
+
+
+def _label(spec: dict) -> str:
+    """How a trial names itself in progress lines: method, seed and any sampled hyperparameters."""
+    sampled = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("sampled", {}).items())
+    return f"{spec['method_name']} seed={spec['seed']}" + (f" {sampled}" if sampled else "")
 
 
 def _groups(task: Task, preds: np.ndarray) -> dict[str, float]:

@@ -33,3 +33,13 @@ def test_soft_and_prefix_trials_train_and_export_peft_adapters(tmp_path, data_di
     assert load_soft_prompt(soft_dir, tiny_model(vocab)).shape == (2, 32)
     report = (run_dir / "report.md").read_text()
     assert "key/value prefix" in report and "soft prompt" in report
+
+
+def test_progress_lines_name_the_sampled_hyperparameters():
+    from pipelines.trial import _label, apply_samples
+
+    spec = {"method_name": "prefix_tuning", "seed": 1, "method": {"lr": 0.01, "n_virtual": 8}}
+    sampled = apply_samples(spec, {"prefix_tuning": {"lr": 0.0123456, "n_virtual": 16}, "ape": {"n_prompts": 3}})
+    assert _label(sampled) == "prefix_tuning seed=1 lr=0.0123 n_virtual=16"
+    assert sampled["method"] == {"lr": 0.0123456, "n_virtual": 16}
+    assert _label(apply_samples(spec, {})) == "prefix_tuning seed=1"
