@@ -50,6 +50,7 @@ class Run:
     failed: tuple[dict, ...]
     evaluations: tuple[dict, ...]
     wall_s: float
+    stopped: int = 0  # trials a scheduler (ASHA, PBT) stopped early: no test score, not in the tables
 
 
 def load_run(run_dir: Path | str) -> Run:
@@ -64,9 +65,10 @@ def load_run(run_dir: Path | str) -> Run:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ReportError(f"{path} is not a run summary: {type(err).__name__}: {err}") from err
     ok = tuple(r for r in rows if r.get("status") == "ok")
-    failed = tuple(r for r in rows if r.get("status") != "ok")
+    failed = tuple(r for r in rows if r.get("status") not in ("ok", "stopped"))
+    stopped = sum(r.get("status") == "stopped" for r in rows)
     evaluations = tuple(read_jsonl(run_dir / "evaluations.jsonl"))  # merged before the summary is written
-    return Run(run_dir, ok, failed, evaluations, float(summary.get("wall_s") or 0.0))
+    return Run(run_dir, ok, failed, evaluations, float(summary.get("wall_s") or 0.0), stopped)
 
 
 def _tasks(run: Run) -> list[str]:
@@ -372,7 +374,9 @@ def render(run: Run, tables: dict[str, pd.DataFrame], plots: Sequence[Path]) -> 
     tasks = _tasks(run)
     models = sorted({f"{r.get('scorer_model', '?')} / {r.get('proposer_model', '?')}" for r in run.ok})
     out = [f"# promptsweep report: {md_cell(run.dir.name, None)}", "",
-           f"{len(run.ok)} finished trial(s), {len(run.failed)} failed; {len(run.evaluations)} evaluations logged; "
+           f"{len(run.ok)} finished trial(s), {len(run.failed)} failed"
+           + (f", {run.stopped} stopped early by the scheduler" if run.stopped else "")
+           + f"; {len(run.evaluations)} evaluations logged; "
            f"sweep wall time {run.wall_s:.0f} s. Scorer / proposer: {', '.join(map(md_cell, models)) or '-'}.", "",
            "Mean ± std over seeds (std with ddof=1, '-' for one seed); NaN scores are left out of means. "
            "Cost columns are means per trial. The best prompt is that of the seed with the best dev score.", ""]

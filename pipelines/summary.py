@@ -22,6 +22,11 @@ def table_rows(rows: Sequence[dict]) -> list[tuple[str, ...]]:
     """One printable row per trial: LM calls and tokens add the scorer's and the proposer's."""
     out = []
     for r in rows:
+        if r.get("status") == "stopped":
+            params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (r.get("params") or {}).items())
+            out.append((r["method"], str(r["seed"]), _prompt(f"stopped early at step {r.get('steps')} {params}".strip()),
+                        _fmt(r.get("dev_score")), "-", "-", "-", "-"))
+            continue
         if r.get("status") != "ok":
             out.append((r["method"], str(r["seed"]), f"FAILED: {_prompt(r.get('error', ''), 70)}", "-", "-", "-", "-", "-"))
             continue

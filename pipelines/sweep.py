@@ -21,7 +21,7 @@ from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
 from pipelines.plan import SECRET_KEY, UserError, redact
 from pipelines.results import merge_evaluations, trial_results, write_json
 from pipelines.summary import print_table
-from pipelines.trial import TrialContext, run_trial
+from pipelines.trial import TrialContext, apply_samples, run_trial
 
 ACTOR_STATS = "lm_actors.json"  # what each LM actor did; folded into summary.json
 
@@ -325,17 +325,25 @@ def _trial_name(trial) -> str:
 
 
 def _rows(run_dir: Path, grid) -> list[dict]:
-    """Finished trials from their result files, plus one row per failed trial with its error."""
+    """Finished trials from their result files, plus one row per failed trial (with its error)
+    and per trial the scheduler stopped early (ASHA, PBT: with its last dev score, no test score)."""
     rows = [{**r, "status": "ok"} for r in trial_results(run_dir)]
     done = {r["trial"] for r in rows}
     for result in grid:
         trial_id = result.path.rstrip("/").split("/")[-1] if result.path else "?"
-        spec = result.config.get("trial", {}) if result.config else {}
-        if result.error is not None and not any(t in trial_id for t in done):
-            rows.append({
-                "trial": trial_id, "method": spec.get("method_name", "?"), "task": spec.get("task_name", "?"),
-                "seed": spec.get("seed", "?"), "status": "failed", "error": _one_line(result.error),
-            })
+        if any(t in trial_id for t in done):
+            continue
+        config = result.config or {}
+        spec = config.get("trial", {})
+        row = {"trial": trial_id, "method": spec.get("method_name", "?"), "task": spec.get("task_name", "?"),
+               "seed": spec.get("seed", "?")}
+        if result.error is not None:
+            rows.append({**row, "status": "failed", "error": _one_line(result.error)})
+        else:
+            metrics = result.metrics or {}
+            sampled = apply_samples(spec, config.get("sample", {}))["sampled"] if spec else {}
+            rows.append({**row, "status": "stopped", "params": sampled, "steps": metrics.get("step"),
+                         "dev_score": metrics.get("dev_score"), "scorer_calls": metrics.get("scorer_calls")})
     return rows
 
 
@@ -348,7 +356,7 @@ def _one_line(err: BaseException) -> str:
 def finish(cfg: dict, rows: list[dict], run_dir: Path, wall_s: float) -> None:
     """Summary file, merged evaluation log, W&B tables, and the table on stdout."""
     n_records = merge_evaluations(run_dir)
-    failed = sum(r.get("status") != "ok" for r in rows)
+    failed = sum(r.get("status") == "failed" for r in rows)
     actors = run_dir / ACTOR_STATS
     lm = json.loads(actors.read_text()) if actors.is_file() else {}
     write_json(run_dir / "summary.json", {"trials": rows, "failed": failed, "wall_s": wall_s, "evaluations": n_records,
