@@ -388,7 +388,8 @@ def render(run: Run, tables: dict[str, pd.DataFrame], plots: Sequence[Path]) -> 
         rows = [[md_cell(v) for v in r] for r in tables["failures"].itertuples(index=False)]
         out += ["## Failed trials", "", md_table(list(tables["failures"].columns), rows), ""]
     out += ["## What each family found", "", "Text methods: instruction text. AutoPrompt: trigger tokens (decoded "
-            "text and ids). Soft prompts: nearest vocabulary token of each vector.", ""]
+            "text and ids). Soft prompts: nearest vocabulary token of each vector. Prefixes: the text their "
+            "key/value states started from (states at every layer have no nearest words).", ""]
     for task in tasks:
         out += [f"### {md_cell(task, None)}", "", _family_md(tables[f"prompts/{task}"]), ""]
     out += ["## Full best prompts", ""]
