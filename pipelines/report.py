@@ -228,8 +228,10 @@ def method_curves(run: Run, task: str) -> dict[str, tuple[int, tuple[np.ndarray,
 
 
 def _colors(run: Run) -> dict[str, tuple]:
-    """One color per method, the same in every plot."""
-    return dict(zip(_method_order(run.ok), itertools.cycle(colormaps["tab10"].colors)))
+    """One color per method, the same in every plot (distinct for up to 20 methods)."""
+    methods = _method_order(run.ok)
+    palette = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
+    return dict(zip(methods, itertools.cycle(palette)))
 
 
 def _png(kind: str, task: str) -> str:

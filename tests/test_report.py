@@ -207,3 +207,10 @@ def test_cli_without_summary_exits_2_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "summary.json" in proc.stderr
+
+
+def test_every_method_gets_its_own_color_even_past_ten(tmp_path):
+    rows = [_row("sst2", m, 0, 0.7) for m in ["manual", "ape", "opro", "autoprompt", "soft", "prefix"]]
+    rows += [{**_row("sst2", "ape", 0, 0.7), "method": f"m{i}"} for i in range(6)]
+    colors = report._colors(report.Run(tmp_path, tuple(rows), (), (), 0.0))
+    assert len(colors) == 12 and len(set(colors.values())) == 12
