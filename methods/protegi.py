@@ -247,14 +247,13 @@ def first_usable(raw: str, open_tag: str = "<START>", close_tag: str = "<END>") 
 
     The meta-prompts end on an opened ``<START>``, so the reply's first item needs no opening
     tag. Small models open with a blank line, a code fence or a markdown heading before the
-    item, so lines that :func:`~methods.text.clean_one` rejects are skipped rather than fatal.
+    item, so lines that :func:`~methods.text.clean_one` rejects (and echoes of the meta-prompt's
+    own scaffolding) are skipped rather than fatal.
     """
     for segment in raw.split(close_tag):
-        for line in segment.rsplit(open_tag, 1)[-1].splitlines():
-            line = line.strip().lstrip("#>*=").strip()
-            item = "" if line.startswith("```") or _ECHO.match(line) else clean_one(line)
-            if item:
-                return item
+        item = clean_one(segment.rsplit(open_tag, 1)[-1], skip=_ECHO)
+        if item:
+            return item
     return ""
 
 

@@ -17,15 +17,16 @@ _QUOTES = "\"'`“”‘’"
 _LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*•]|instruction\s*\d*\s*:)\s*", re.IGNORECASE)
 
 
-def clean_one(raw: str, max_words: int = 60) -> str:
+def clean_one(raw: str, max_words: int = 60, skip: re.Pattern | None = None) -> str:
     """First usable line of ``raw``, list markers and wrapping quotes removed; '' if none.
 
     Small models often open with a blank line, a code fence or a one-word heading before the
-    instruction, so such lines are skipped rather than fatal.
+    instruction, so such lines are skipped rather than fatal; so are lines ``skip`` matches
+    (at their start, once heading marks are stripped).
     """
     for line in raw.splitlines():
         line = line.strip().lstrip("#>*=").strip()
-        if line.startswith("```"):
+        if line.startswith("```") or (skip is not None and skip.match(line)):
             continue
         line = _LIST_MARK.sub("", line).strip().strip(_QUOTES).strip()
         if 2 <= len(line.split()) <= max_words:
