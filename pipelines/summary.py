@@ -9,6 +9,11 @@ from pathlib import Path
 COLUMNS = ("method", "seed", "best prompt", "dev", "test", "LM calls", "tokens", "wall s")
 
 
+def format_params(params: dict) -> str:
+    """Sampled hyperparameters as ``k=v`` words (floats to 3 significant digits)."""
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
@@ -23,7 +28,7 @@ def table_rows(rows: Sequence[dict]) -> list[tuple[str, ...]]:
     out = []
     for r in rows:
         if r.get("status") == "stopped":
-            params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (r.get("params") or {}).items())
+            params = format_params(r.get("params") or {})
             out.append((r["method"], str(r["seed"]), _prompt(f"stopped early at step {r.get('steps')} {params}".strip()),
                         _fmt(r.get("dev_score")), "-", "-", "-", "-"))
             continue

@@ -29,6 +29,7 @@ from pipelines.lm.cache import CachedLM, EvalStore
 from pipelines.lm.client import RayLM, Usage
 from pipelines.lm.pool import connect
 from pipelines.results import EvalLog, write_json
+from pipelines.summary import format_params
 from tasks.core import Task
 
 CHECKPOINT_FILE = "trial.pkl"
@@ -199,7 +200,7 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
 
 def _label(spec: dict) -> str:
     """How a trial names itself in progress lines: method, seed and any sampled hyperparameters."""
-    sampled = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("sampled", {}).items())
+    sampled = format_params(spec.get("sampled", {}))
     return f"{spec['method_name']} seed={spec['seed']}" + (f" {sampled}" if sampled else "")
 
 
