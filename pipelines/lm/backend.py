@@ -268,11 +268,11 @@ class HFBackend:
         return torch.tensor(table, dtype=self.embed.weight.dtype, device=self.device)
 
     def _prefix_tensor(self, prefix: PrefixPrompt) -> torch.Tensor:
-        """A prefix prompt's flat states as a tensor in the model's dtype, ``[n_virtual, width]``."""
-        flat = np.asarray(prefix.key_values)
-        if flat.ndim != 2 or flat.shape[1] != self.kv_shape.width:
-            raise ValueError(f"prefix must be [n_virtual, {self.kv_shape.width}] for this model, got {flat.shape}")
-        return torch.tensor(flat, dtype=self.embed.weight.dtype, device=self.device)
+        """A prefix prompt's flat states as a tensor in the model's dtype, ``[n_virtual, width]``.
+
+        Its shape is checked where it is split into layers (:func:`pipelines.lm.prefix.to_layers`).
+        """
+        return torch.tensor(np.asarray(prefix.key_values), dtype=self.embed.weight.dtype, device=self.device)
 
     def _score_group(self, rows: Sequence[Row], prefix_len: int, soft, out: np.ndarray, virtual=None) -> None:
         """Add the targets' log-probs of rows sharing ``prefix_len`` keys into ``out``.
