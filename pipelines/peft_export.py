@@ -34,6 +34,17 @@ def _as_model(base: str | PreTrainedModel) -> PreTrainedModel:
     return base
 
 
+def _with_weight(model: PreTrainedModel, config, array: np.ndarray) -> PeftModel:
+    """``model`` wrapped by PEFT with ``config``, its prompt-encoder weight set to ``array``."""
+    peft_model = get_peft_model(model, config)
+    weight = peft_model.prompt_encoder[ADAPTER].embedding.weight
+    if tuple(weight.shape) != array.shape:
+        raise ValueError(f"prompt is {array.shape} but this model's {config.peft_type} weight is {tuple(weight.shape)}")
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(array).to(weight.dtype))
+    return peft_model
+
+
 def save_soft_prompt(
     base_model: str | PreTrainedModel,
     embeddings: np.ndarray,
@@ -67,10 +78,7 @@ def save_soft_prompt(
         prompt_tuning_init=PromptTuningInit.RANDOM, tokenizer_name_or_path=tokenizer_name_or_path,
         base_model_name_or_path=base_model if isinstance(base_model, (str, Path)) else None,
     )
-    peft_model = get_peft_model(model, config)
-    weight = peft_model.prompt_encoder[ADAPTER].embedding.weight
-    with torch.no_grad():
-        weight.copy_(torch.from_numpy(emb).to(weight.dtype))
+    peft_model = _with_weight(model, config, emb)
     if init_text is not None and tokenizer_name_or_path:
         # Provenance only: a loaded adapter is in inference mode and never re-runs the init.
         config.prompt_tuning_init = PromptTuningInit.TEXT
@@ -105,12 +113,7 @@ def save_prefix(base_model: str | PreTrainedModel, key_values: np.ndarray, out_d
         task_type="CAUSAL_LM", num_virtual_tokens=flat.shape[0], prefix_projection=False,
         base_model_name_or_path=base_model if isinstance(base_model, (str, Path)) else None,
     )
-    peft_model = get_peft_model(model, config)
-    weight = peft_model.prompt_encoder[ADAPTER].embedding.weight
-    if tuple(weight.shape) != flat.shape:
-        raise ValueError(f"prefix is {flat.shape} but this model's prefix-tuning states are {tuple(weight.shape)}")
-    with torch.no_grad():
-        weight.copy_(torch.from_numpy(flat).to(weight.dtype))
+    peft_model = _with_weight(model, config, flat)
     out = Path(out_dir)
     peft_model.save_pretrained(str(out))
     return out
