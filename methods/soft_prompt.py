@@ -136,9 +136,10 @@ class SoftPromptTuning:
         Text and sampled-vocabulary inits are the states of real tokens (Li & Liang); "random"
         draws each column from the mean and spread of the instruction's states.
         """
-        text = self._init_text(task) if self.init_from != "sample_vocab" else ""
         if self.init_from == "sample_vocab":
             text = scorer.decode([int(i) for i in rng.integers(0, vocab.shape[0], size=self.n_virtual)])
+        else:
+            text = self._init_text(task)
         states = prefix_init(scorer, text, self.n_virtual)
         if self.init_from != "random":
             return states, text
@@ -192,7 +193,7 @@ class SoftPromptTuning:
             nearest = tuple(scorer.decode([i]) for i in nearest_tokens(prompt, vocab))
         spliced = self._wrap(prompt, state.origin, nearest)
         (score,) = score_prompts(task, [spliced], dev, scorer)
-        record = Evaluated(spliced.describe(), score, len(dev), self.space if self.space == "prefix" else "soft")
+        record = Evaluated(spliced.describe(), score, len(dev), "prefix" if self.space == "prefix" else "soft")
         if score > state.best_dev:
             state = replace(state, best=prompt.copy(), best_nearest=nearest, best_dev=score)
         return state, (record,)
