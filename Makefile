@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 model: setup  ## convert the default model's GGUF to a safetensors cache once (~25 s)
-	$(BIN)/python -m pipelines.lm.loading smollm2
+	$(BIN)/python -m backends.loading smollm2
 
 run: model
 	$(BIN)/python -m pipelines.run $(ARGS)

@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.autoprompt import AutoPrompt  # noqa: E402
-from pipelines.lm.backend import HFBackend  # noqa: E402
+from backends.hf import HFBackend  # noqa: E402
 from tasks.loaders import sst2  # noqa: E402
 
 MODES = ("batched", "per candidate", "per example")
@@ -64,13 +64,12 @@ class SplitLM:
     scores: list = field(default_factory=list)  # each loglikelihood call's result
     score_s: float = 0.0  # seconds spent in loglikelihood
 
-    def loglikelihood(self, requests, prompt=None) -> np.ndarray:
+    def loglikelihood(self, requests) -> np.ndarray:
         start = time.perf_counter()
         requests = list(requests)
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(requests)
-        parts = {"batched": [(0, len(requests))], "per candidate": runs(prompts),
+        parts = {"batched": [(0, len(requests))], "per candidate": runs([r.prompt for r in requests]),
                  "per example": [(i, i + 1) for i in range(len(requests))]}[self.mode]
-        out = np.concatenate([self.lm.loglikelihood(requests[a:b], prompts[a:b]) for a, b in parts])
+        out = np.concatenate([self.lm.loglikelihood(requests[a:b]) for a, b in parts])
         self.score_s += time.perf_counter() - start
         self.scores.append(out)
         return out

@@ -226,7 +226,7 @@ def run_lm_eval(cmd: list[str], work: Path) -> float:
 
 def model_directory(model: str) -> Path:
     """The local model directory both sides load: the converted default model or a given folder."""
-    from pipelines.lm import loading  # imports torch: kept out of the helpers the tests import
+    from backends import loading  # imports torch: kept out of the helpers the tests import
 
     path = loading.default_model_dir() if model == loading.DEFAULT_MODEL else Path(model).expanduser().resolve()
     if not (path / "config.json").is_file():
@@ -240,7 +240,7 @@ def score_ours(
     """Our scores of the first ``n`` test questions per subject, and the wall seconds they took."""
     from methods.evaluate import requests_for
     from methods.lm import TextPrompt
-    from pipelines.lm.backend import HFBackend
+    from backends.hf import HFBackend
     from tasks.loaders import mmlu
 
     task = mmlu(str(data_dir), list(subjects), form="letter", k_shot=shots)
@@ -252,7 +252,7 @@ def score_ours(
         examples = [ex for ex in task.test if ex.group == subject][:n]
         requests = requests_for(task, prompt, examples)
         scored[subject] = Scored(
-            contexts=tuple(ctx for ctx, _ in requests[:: len(LETTERS)]),
+            contexts=tuple(r.context for r in requests[:: len(LETTERS)]),
             loglik=lm.loglikelihood(requests).reshape(len(examples), len(LETTERS)),
             labels=np.array([ex.label for ex in examples], dtype=np.int64),
         )

@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.lm.backend import HFBackend  # noqa: E402
+from backends.hf import HFBackend  # noqa: E402
+from methods.lm import Request  # noqa: E402
 
 TEMPLATE = "{instruction}\n\nReview: {sentence}\nSentiment:"
 INSTRUCTION = (
@@ -104,11 +105,11 @@ def main() -> None:
     print(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           "(other processes slow both scorers, the unbatched one most)")
 
-    lm.loglikelihood(requests[:8])  # warm-up (allocator, thread pool) for both scorers
+    lm.loglikelihood(Request.batch(requests[:8]))  # warm-up (allocator, thread pool) for both scorers
     naive_scores(lm, requests[:2])
     (naive, naive_tokens), t_naive = timed(lambda: naive_scores(lm, requests))
     before = lm.usage()
-    fast, t_fast = timed(lambda: lm.loglikelihood(requests))
+    fast, t_fast = timed(lambda: lm.loglikelihood(Request.batch(requests)))
     after = lm.usage()
     fast_tokens = after["padded_tokens"] - before["padded_tokens"]
     fast_head = after["head_positions"] - before["head_positions"]

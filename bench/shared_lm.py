@@ -213,7 +213,7 @@ def baselines(imports: tuple[str, ...]) -> list[tuple[str, int, int]]:
 
 
 def backend_conf(model: str, threads: int) -> dict:
-    return {"_target_": "pipelines.lm.backend.HFBackend", "model": model, "threads": threads}
+    return {"_target_": "backends.hf.HFBackend", "model": model, "threads": threads}
 
 
 def trial_batches(requests: list, n_trials: int, per_trial: int, batch: int) -> list[list[list]]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, subsample
-from methods.lm import LM, TextPrompt
+from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import successive_halving
 from methods.text import clean_candidates, demo_block, input_texts
 from tasks.core import Task
@@ -79,6 +79,9 @@ class APE:
     include_manual: bool = False
     halving_min: int = 0
     halving_eta: int = 2
+
+    def needs(self) -> Needs:
+        return PROPOSER_WRITES
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> APEState:
         return APEState()

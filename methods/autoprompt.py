@@ -27,7 +27,7 @@ import numpy as np
 
 from methods.base import Evaluated, Report
 from methods.evaluate import predictions, requests_for, score_prompts, subsample
-from methods.lm import LM, PROMPT_SLOT, TokenPrompt
+from methods.lm import LM, Needs, PROMPT_GRAD, PROMPT_SLOT, Request, TOKEN_EMBEDDINGS, TokenPrompt
 from tasks.core import Example, Task
 
 # Control tokens decode to bracketed names ("<|endoftext|>", "<s>", "[MASK]") or to nothing.
@@ -101,6 +101,9 @@ class AutoPrompt:
             raise ValueError(f"objective must be 'nll' or 'accuracy', got {self.objective!r}")
         if min(self.n_triggers, self.n_candidates, self.batch_size, self.n_grad_batches) < 1:
             raise ValueError("n_triggers, n_candidates, batch_size and n_grad_batches must be >= 1")
+
+    def needs(self) -> Needs:
+        return Needs(scorer=frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS}))
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> AutoPromptState:
         if self.init_token:
@@ -242,12 +245,11 @@ def objective_table(
     """
     if objective == "nll":
         reqs = label_requests(task, examples)
-        ll = scorer.loglikelihood(reqs * len(prompts), [p for p in prompts for _ in reqs])
+        ll = scorer.loglikelihood([Request(c, k, p) for p in prompts for c, k in reqs])
         nll = -np.asarray(ll, dtype=np.float64).reshape(len(prompts), len(reqs)).mean(axis=1)
         return np.stack([nll, nll], axis=1)
-    reqs = requests_for(task, prompts[0], examples)
-    ll = np.asarray(scorer.loglikelihood(reqs * len(prompts), [p for p in prompts for _ in reqs]))
-    ll = ll.reshape(len(prompts), len(reqs))
+    ll = np.asarray(scorer.loglikelihood([r for p in prompts for r in requests_for(task, p, examples)]))
+    ll = ll.reshape(len(prompts), -1)
     correct = _correct_positions(task, examples)
     rows = [(-task.score(predictions(task, examples, row), examples), -row[correct].mean()) for row in ll]
     return np.array(rows, dtype=np.float64)

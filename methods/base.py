@@ -13,7 +13,7 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from methods.lm import LM, Prompt
+from methods.lm import LM, Needs, Prompt
 from tasks.core import Task
 
 State = TypeVar("State")
@@ -50,6 +50,10 @@ class Report:
 
 class Method(Protocol, Generic[State]):
     """A prompt optimizer. Implementations are plain classes built from flat typed arguments."""
+
+    def needs(self) -> Needs:
+        """The optional LM capabilities this configuration calls, per role (checked before a sweep)."""
+        ...
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> State:
         """The starting state (may already score the seed prompt)."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, subsample
-from methods.lm import LM, TextPrompt
+from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev, predict_many
 from methods.text import clean_candidates
 from tasks.core import Example, Task
@@ -109,6 +109,9 @@ class Calibration:
     n_eval: int = 32
     temperature: float = 0.9
     max_new_tokens: int = 48
+
+    def needs(self) -> Needs:
+        return PROPOSER_WRITES
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> CalibrationState:
         return CalibrationState()

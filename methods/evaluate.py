@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from methods.lm import LM, PROMPT_SLOT, PrefixPrompt, Prompt, TextPrompt
+from methods.lm import LM, PROMPT_SLOT, PrefixPrompt, Prompt, Request, TextPrompt
 from tasks.core import Example, Task
 
 
@@ -24,10 +24,14 @@ def slot_text(prompt: Prompt) -> str:
     return "" if isinstance(prompt, PrefixPrompt) else PROMPT_SLOT
 
 
-def requests_for(task: Task, prompt: Prompt, examples: Sequence[Example]) -> list[tuple[str, str]]:
-    """Every (context, continuation) pair needed to classify ``examples`` under ``prompt``."""
+def requests_for(task: Task, prompt: Prompt, examples: Sequence[Example]) -> list[Request]:
+    """Every request needed to classify ``examples`` under ``prompt``, in example then choice order.
+
+    A text prompt is rendered into the context; any other prompt rides on each request.
+    """
     instruction = slot_text(prompt)
-    return [(task.render(instruction, ex), c) for ex in examples for c in task.choices(ex)]
+    spliced = None if isinstance(prompt, TextPrompt) else prompt
+    return [Request(task.render(instruction, ex), c, spliced) for ex in examples for c in task.choices(ex)]
 
 
 def predictions(task: Task, examples: Sequence[Example], loglik: np.ndarray) -> np.ndarray:
@@ -48,14 +52,8 @@ def score_prompts(
     """Task metric of each prompt on ``examples``, all prompts in one batched call."""
     if not prompts:
         return []
-    requests: list[tuple[str, str]] = []
-    spliced: list = []
-    for p in prompts:
-        reqs = requests_for(task, p, examples)
-        requests += reqs
-        spliced += [None if isinstance(p, TextPrompt) else p] * len(reqs)
-    any_spliced = any(s is not None for s in spliced)
-    loglik = scorer.loglikelihood(requests, spliced if any_spliced else None)
+    requests = [r for p in prompts for r in requests_for(task, p, examples)]
+    loglik = scorer.loglikelihood(requests)
     per = len(requests) // len(prompts)
     return [
         task.score(predictions(task, examples, loglik[j * per : (j + 1) * per]), examples)
@@ -65,9 +63,7 @@ def score_prompts(
 
 def predict(task: Task, prompt: Prompt, examples: Sequence[Example], scorer: LM) -> np.ndarray:
     """Predicted label ids for ``examples`` under ``prompt`` (one batched call)."""
-    spliced = None if isinstance(prompt, TextPrompt) else prompt
-    loglik = scorer.loglikelihood(requests_for(task, prompt, examples), spliced)
-    return predictions(task, examples, loglik)
+    return predictions(task, examples, scorer.loglikelihood(requests_for(task, prompt, examples)))
 
 
 def subsample(examples: Sequence[Example], n: int, rng: np.random.Generator) -> tuple[Example, ...]:

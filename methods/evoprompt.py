@@ -20,7 +20,7 @@ import numpy as np
 from methods.ape import RESAMPLE_TEMPLATE
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts
-from methods.lm import LM, TextPrompt
+from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
 from methods.text import clean_candidates, clean_one
 from tasks.core import Task
@@ -143,6 +143,9 @@ class EvoPrompt:
             raise ValueError(f"EvoPrompt variant must be 'ga' or 'de', got {self.variant!r}")
         if self.pop_size < 1:
             raise ValueError("EvoPrompt pop_size must be at least 1")
+
+    def needs(self) -> Needs:
+        return PROPOSER_WRITES
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> EvoState:
         return EvoState()

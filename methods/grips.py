@@ -23,7 +23,7 @@ import numpy as np
 from methods.ape import RESAMPLE_TEMPLATE
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts
-from methods.lm import LM, TextPrompt
+from methods.lm import LM, Needs, PROPOSER_WRITES, TextPrompt
 from methods.racing import fixed_dev
 from tasks.core import Task
 
@@ -135,6 +135,9 @@ class GRIPS:
     n_eval: int = 32
     temperature: float = 0.9
     max_new_tokens: int = 24
+
+    def needs(self) -> Needs:
+        return PROPOSER_WRITES if self.paraphrase else Needs()  # only paraphrases call the proposer
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> GRIPSState:
         phrases = split_phrases(task.instruction, self.max_phrase_words)

@@ -1,15 +1,21 @@
 """What every optimizer may ask of a language model, and the prompt types it hands back.
 
-One small, batched interface: a method builds *all* its requests for a step and sends
+One small, batched contract: a method builds *all* its requests for a step and sends
 them in one call, so whatever sits behind it (a local model, a pool of Ray actors, an
 HTTP endpoint) can batch, shard and cache at the boundary.
+
+The contract is narrow: every backend scores continuations, tokenizes and decodes
+(:class:`LM`). Everything else is an optional *capability* a backend declares in its
+``capabilities`` class attribute (:data:`CAPABILITIES`) and a method declares it needs
+(:class:`Needs`), so a sweep that asks an HTTP endpoint for prompt gradients is refused
+before it starts rather than minutes into it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union, runtime_checkable
+from typing import NamedTuple, Protocol, Union, runtime_checkable
 
 import numpy as np
 
@@ -84,23 +90,91 @@ Prompt = Union[TextPrompt, TokenPrompt, SoftPrompt, PrefixPrompt]
 SplicedPrompt = Union[TokenPrompt, SoftPrompt, PrefixPrompt]
 
 
-@runtime_checkable
-class LM(Protocol):
-    """A frozen language model, batched at the boundary.
+class Request(NamedTuple):
+    """One scoring request: ``log p(continuation | context)``, under ``prompt`` when it has one.
 
-    Every method takes the whole batch; implementations decide how to split it.
-    ``prompt`` is either one prompt for every request or one per request (``None`` for a
-    request with no spliced prompt). Contexts that carry :data:`PROMPT_SLOT` get the
-    prompt's ids or embeddings in its place.
+    A request carries its own prompt, so a batch may mix prompts (AutoPrompt scores k trigger
+    sets in one call; the LM actor merges batches of trials with different prompts) and no
+    layer between a method and the model has to re-align prompts with requests. A context
+    that holds :data:`PROMPT_SLOT` gets a token or soft prompt's ids or embeddings there; a
+    :class:`PrefixPrompt` is placed before the whole context. Text prompts are not spliced:
+    they are rendered into the context.
     """
 
-    def loglikelihood(
-        self,
-        requests: Sequence[tuple[str, str]],
-        prompt: SplicedPrompt | Sequence[SplicedPrompt | None] | None = None,
-    ) -> np.ndarray:
+    context: str
+    continuation: str
+    prompt: SplicedPrompt | None = None
+
+    @classmethod
+    def batch(
+        cls, pairs: Sequence[tuple[str, str]], prompt: SplicedPrompt | Sequence[SplicedPrompt | None] | None = None
+    ) -> list[Request]:
+        """Requests from ``(context, continuation)`` pairs and one prompt for all, or one per pair."""
+        pairs = list(pairs)
+        if prompt is None or isinstance(prompt, (TokenPrompt, SoftPrompt, PrefixPrompt)):
+            return [cls(c, k, prompt) for c, k in pairs]
+        prompts = list(prompt)
+        if len(prompts) != len(pairs):
+            raise ValueError(f"got {len(prompts)} prompts for {len(pairs)} requests; pass one prompt or one per request")
+        return [cls(c, k, p) for (c, k), p in zip(pairs, prompts)]
+
+
+# Optional capabilities, named after the calls they allow. ``prompt_grad`` also covers scoring
+# requests that carry token or soft prompts (a backend that splices embeddings can do both);
+# ``prefix_states`` covers scoring and gradients under prefix prompts (states at every layer).
+GENERATE = "generate"
+PROMPT_GRAD = "prompt_grad"
+PREFIX_STATES = "prefix_states"
+TOKEN_EMBEDDINGS = "token_embeddings"
+EXPORT_PROMPT = "export_prompt"
+CAPABILITIES = frozenset({GENERATE, PROMPT_GRAD, PREFIX_STATES, TOKEN_EMBEDDINGS, EXPORT_PROMPT})
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The optional capabilities a method calls, per LM role (see :data:`CAPABILITIES`)."""
+
+    scorer: frozenset[str] = frozenset()
+    proposer: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = (self.scorer | self.proposer) - CAPABILITIES
+        if unknown:
+            raise ValueError(f"unknown capabilities {sorted(unknown)}; expected some of {sorted(CAPABILITIES)}")
+
+    def missing(self, role: str, provided: frozenset[str]) -> list[str]:
+        """What ``role`` must provide beyond ``provided``, sorted (empty when it is enough)."""
+        return sorted(getattr(self, role) - provided)
+
+
+PROPOSER_WRITES = Needs(proposer=frozenset({GENERATE}))  # the text methods
+
+
+@runtime_checkable
+class LM(Protocol):
+    """A frozen language model, batched at the boundary: what every backend provides.
+
+    ``capabilities`` names the optional calls below that it also serves; a caller must not
+    use one it does not declare (the sweep checks this before it starts).
+    """
+
+    capabilities: frozenset[str]
+
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         """Sum of log-probabilities of each continuation given its context: float64 ``[n]``."""
         ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no special tokens added."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``."""
+        ...
+
+
+class Generates(Protocol):
+    """Capability ``generate``."""
 
     def generate(
         self,
@@ -115,10 +189,17 @@ class LM(Protocol):
         """``n`` sampled completions per context (greedy when ``temperature == 0``), cut at ``stop``."""
         ...
 
+
+class Differentiates(Protocol):
+    """Capabilities ``prompt_grad``, ``prefix_states`` and ``token_embeddings``."""
+
     def prompt_grad(
         self, requests: Sequence[tuple[str, str]], prompt: SplicedPrompt
     ) -> tuple[float, np.ndarray]:
-        """Mean negative log-likelihood of the continuations and its gradient.
+        """Mean negative log-likelihood of the continuations under ``prompt`` and its gradient.
+
+        The gradient is taken with respect to one prompt, so it is an argument of its own
+        rather than a field of each request.
 
         Returns:
             ``(loss, grad)`` where ``grad`` is ``[n_prompt_tokens, d_model]``: with respect to
@@ -137,12 +218,4 @@ class LM(Protocol):
 
     def token_embeddings(self) -> np.ndarray:
         """The input embedding matrix ``[vocab, d_model]`` (float32)."""
-        ...
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` with no special tokens added."""
-        ...
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``."""
         ...

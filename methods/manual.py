@@ -8,7 +8,7 @@ import numpy as np
 
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, subsample
-from methods.lm import LM, TextPrompt
+from methods.lm import LM, Needs, TextPrompt
 from tasks.core import Task
 
 
@@ -29,6 +29,9 @@ class Manual:
 
     instruction: str = ""
     n_eval: int = 0
+
+    def needs(self) -> Needs:
+        return Needs()
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> ManualState:
         return ManualState(instruction=self.instruction or task.instruction)

@@ -17,7 +17,7 @@ import numpy as np
 
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, subsample
-from methods.lm import LM, TextPrompt
+from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
 from methods.text import clean_candidates, input_texts
 from tasks.core import Example, Task
@@ -89,6 +89,9 @@ class OPRO:
     n_eval: int = 32
     temperature: float = 1.0
     max_new_tokens: int = 40
+
+    def needs(self) -> Needs:
+        return PROPOSER_WRITES
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> OPROState:
         return OPROState()

@@ -24,7 +24,7 @@ import numpy as np
 
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, subsample
-from methods.lm import LM, TextPrompt
+from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev, predict_many
 from methods.text import clean_one, demo_block
 from tasks.core import Example, Task
@@ -145,6 +145,9 @@ class Promptbreeder:
             raise ValueError(f"Promptbreeder operators must be a non-empty subset of {OPERATORS}: {unknown}")
         if self.pop_size < 2:
             raise ValueError("Promptbreeder needs pop_size >= 2 for tournaments")
+
+    def needs(self) -> Needs:
+        return PROPOSER_WRITES
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> BreederState:
         return BreederState()

@@ -22,7 +22,7 @@ import numpy as np
 from methods.ape import RESAMPLE_TEMPLATE
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, subsample
-from methods.lm import LM, TextPrompt
+from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import Race, fixed_dev, minibatch_pull, predict_many, successive_rejects, ucb_race
 from methods.text import clean_candidates, clean_one
 from tasks.core import Example, Task
@@ -132,6 +132,9 @@ class ProTeGi:
             raise ValueError(
                 f"ProTeGi selector must be 'ucb' or 'successive_rejects', got {self.selector!r}"
             )
+
+    def needs(self) -> Needs:
+        return PROPOSER_WRITES
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> ProTeGiState:
         return ProTeGiState(beam=(task.instruction,))

@@ -27,7 +27,7 @@ import numpy as np
 from methods.autoprompt import label_requests
 from methods.base import Evaluated, Report
 from methods.evaluate import score_prompts, slot_text, subsample
-from methods.lm import LM, PrefixPrompt, SoftPrompt
+from methods.lm import LM, Needs, PREFIX_STATES, PROMPT_GRAD, PrefixPrompt, SoftPrompt, TOKEN_EMBEDDINGS
 from tasks.core import Task
 
 Arrays = tuple[np.ndarray, ...]
@@ -110,6 +110,11 @@ class SoftPromptTuning:
             raise ValueError(f"encoder must be 'none' or 'mlp', got {self.encoder!r}")
         if min(self.n_virtual, self.batch_size, self.encoder_hidden) < 1:
             raise ValueError("n_virtual, batch_size and encoder_hidden must be >= 1")
+
+    def needs(self) -> Needs:
+        # Both spaces read the vocabulary (init, nearest tokens); prefixes need every layer's states.
+        extra = {PREFIX_STATES} if self.space == "prefix" else set()
+        return Needs(scorer=frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS, *extra}))
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> SoftPromptState:
         vocab = np.asarray(scorer.token_embeddings(), dtype=np.float32)

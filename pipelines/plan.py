@@ -1,17 +1,34 @@
-"""Turn the resolved config into plain trial specs and a Tune search space.
+"""The planning pass: every check that needs no model, in one place, before Ray starts.
 
-Everything a trial needs travels as plain data (dicts of ``_target_`` plus arguments), so
-trials are picklable, resumable and independent of Hydra at run time.
+:func:`make_plan` turns the composed config into plain trial specs and a Tune search space,
+and refuses bad input on the way with one :class:`UserError` line: numbers, group choices,
+constructor arguments, model directories, the task data, every method built once, each
+method's needs against what the configured backends declare, the scheduler, the budget and
+the evaluation cache. Everything a trial needs travels as plain data (dicts of ``_target_``
+plus arguments), so trials are picklable, resumable and independent of Hydra at run time.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
+import os
 import re
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra.utils
 from omegaconf import DictConfig, OmegaConf
+
+from pipelines.lm import budget, cache
+from pipelines.lm.stack import backend_capabilities
+from tasks.core import Task
+
+ROLES = ("scorer", "proposer")
+SCHEDULERS = ("fifo", "asha", "pbt")
 
 # Keys whose values are credentials; "max_batch_tokens" or "api_key_env" (a variable's name) are not.
 SECRET_KEY = re.compile(r"(^|_)(api_?key|access_?token|auth_?token|token|secret|password|authorization)$", re.IGNORECASE)
@@ -19,6 +36,115 @@ SECRET_KEY = re.compile(r"(^|_)(api_?key|access_?token|auth_?token|token|secret|
 
 class UserError(Exception):
     """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked sweep, ready to run.
+
+    Attributes:
+        cfg: the resolved config as plain data.
+        specs: one trial spec per (method, seed); Tune's grid.
+        space: Tune domains of the sampled hyperparameters.
+        tasks: every distinct task, built once, by :func:`task_key`.
+        capabilities: what each role's backend declares.
+        lines: what to print before the sweep starts.
+    """
+
+    cfg: dict
+    specs: list[dict]
+    space: dict
+    tasks: dict[str, Task] = field(default_factory=dict)
+    capabilities: dict[str, frozenset[str]] = field(default_factory=dict)
+    lines: tuple[str, ...] = ()
+
+
+def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: Path) -> Plan:
+    """Check everything that needs no model, once, in order of cost; build each task and method once."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    check_address(plain["ray"])  # a cluster that is not there fails first, in seconds
+    check_numbers(cfg)
+    specs = trial_specs(cfg, search_dirs, choices)
+    space = sample_space(plain["search"]["params"])
+    for role in ROLES:
+        model = dict(plain["lm"][role])
+        check_arguments(model.pop("_target_"), model)
+        check_model_dir(role, model)
+    caps = capabilities(plain)
+    tasks = build_all(specs, caps, choices)
+    if plain["search"]["scheduler"] not in SCHEDULERS:
+        raise UserError(f"unknown search.scheduler {plain['search']['scheduler']!r}; expected {', '.join(SCHEDULERS)}")
+    n = len(specs) * int(plain["search"]["num_samples"])
+    try:
+        lines = (
+            f"[promptsweep] {n} trial(s): methods={list(plain['search']['methods'])} task={specs[0]['task_name']} "
+            f"seeds={list(plain['search']['seeds'])} -> {run_dir}",
+            budget.projection(plain, n),
+            cache.describe(plain.get("cache")),
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    return Plan(plain, specs, space, tasks, caps, lines)
+
+
+def capabilities(plain: dict) -> dict[str, frozenset[str]]:
+    """What each role's backend declares (imported, not built: no model is loaded)."""
+    try:
+        return {role: backend_capabilities(plain["lm"][role]["_target_"]) for role in ROLES}
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def task_key(spec: dict) -> str:
+    """Identity of a spec's task config: trials of equal tasks share one built task."""
+    return json.dumps(spec["task"], sort_keys=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _task(key: str) -> Task:
+    # Trials of the same task in one worker process parse the data once.
+    return hydra.utils.instantiate(json.loads(key), _convert_="all")
+
+
+def build(spec: dict) -> tuple[Task, Any]:
+    """A spec's task and method, from its plain config."""
+    return _task(task_key(spec)), hydra.utils.instantiate(spec["method"], _convert_="all")
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost cause: Hydra wraps constructor errors in InstantiationException."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def build_all(specs: list[dict], caps: dict[str, frozenset[str]], choices: dict) -> dict[str, Task]:
+    """Build every distinct method and task once, and check each method's needs against the backends.
+
+    Returns:
+        the built tasks by :func:`task_key`.
+    """
+    tasks: dict[str, Task] = {}
+    for spec in {s["method_name"]: s for s in specs}.values():
+        try:
+            task, method = build(spec)
+        except Exception as err:  # noqa: BLE001 - reported to the user as one line
+            raise UserError(f"{spec['method_name']} on {spec['task_name']}: {root_cause(err)}") from err
+        tasks[task_key(spec)] = task
+        check_needs(spec["method_name"], method, caps, choices)
+    return tasks
+
+
+def check_needs(name: str, method: Any, caps: dict[str, frozenset[str]], choices: dict) -> None:
+    """A method whose needs a role's backend does not declare fails here, naming what is missing."""
+    needs = method.needs()
+    for role in ROLES:
+        missing = needs.missing(role, caps[role])
+        if missing:
+            provided = ", ".join(sorted(caps[role])) or "scoring only"
+            model = choices.get(f"model@lm.{role}") or "?"
+            raise UserError(f"{name} needs the {role} to provide {', '.join(missing)}, but model@lm.{role}={model} "
+                            f"provides {provided}; choose a local model for the {role} (smollm2, hf)")
 
 
 def redact(obj: Any) -> Any:
@@ -145,3 +271,75 @@ def _fits(value: Any, expected: type) -> bool:
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, expected)
+
+
+# Smallest allowed value of each count or resource (max_failures=-1: retry without limit, as in Tune).
+NUMBERS = {"search.max_steps": 0, "search.num_samples": 0, "search.max_failures": -1,
+           "resources.replicas": 0, "resources.lm_cpus": 0, "resources.lm_gpus": 0,
+           "resources.trial_cpus": 0, "resources.max_concurrent_trials": 0}
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Counts and resources must be numbers in range (``search.max_steps=abc`` fails here, in one line)."""
+    for key, least in NUMBERS.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
+            raise UserError(f"{key}={value!r}: expected a number >= {least}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.search.seeds):
+        raise UserError(f"search.seeds={list(cfg.search.seeds)}: expected a list of integers")
+
+
+def check_model_dir(role: str, model: dict) -> None:
+    """A model given as a local path must be a readable model directory; checked before Ray starts.
+
+    Also refuses a model that ships its own Python code (``auto_map`` in its config) unless
+    ``trust_remote_code`` is on: transformers would refuse too, but only inside the LM actor.
+    """
+    name = model.get("model")
+    if not isinstance(name, str) or not name.startswith(("/", "./", "../", "~")):
+        return  # the packaged default, a hub id, or an API model name
+    path = Path(name).expanduser()
+    if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"lm.{role}.model: {name!r} is not a readable directory")
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"lm.{role}.model: {name!r} has no readable config.json ({type(err).__name__})") from err
+    if isinstance(meta, dict) and meta.get("auto_map") and not model.get("trust_remote_code"):
+        raise UserError(f"lm.{role}.model: {name!r} runs its own code (auto_map); set lm.{role}.trust_remote_code=true "
+                        "only if you trust it")
+
+
+CONNECT_TIMEOUT_S = 60.0
+
+
+def check_address(ray_cfg: dict) -> str | None:
+    """The cluster address to join (None: start a local Ray), checked to be listening."""
+    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _probe(address, min(float(ray_cfg.get("connect_timeout_s") or CONNECT_TIMEOUT_S), 10.0))
+    return address
+
+
+def first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def _probe(address: str, timeout_s: float) -> None:
+    """Fail in seconds when nothing listens at the cluster's address.
+
+    ``ray.init`` retries a refused or unroutable address for minutes before giving up, which
+    looks like a hang; one TCP connect answers the common mistakes (typo, cluster down) at once.
+    """
+    from ray._private import services  # resolves "auto" the way ray.init will
+
+    try:
+        target = address.split("://", 1)[1] if "://" in address else services.canonicalize_bootstrap_address(address)
+        if not target:
+            raise ValueError("no cluster address found (set ray.address=host:port or RAY_ADDRESS)")
+        host, _, port = target.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError, ConnectionError) as err:
+        why = getattr(err, "strerror", None) or first_line(err)
+        raise UserError(f"cannot reach the Ray cluster at {address!r}: {why}") from err

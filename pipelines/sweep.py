@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import uuid
@@ -15,10 +14,14 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from methods.lm import GENERATE, Request
 from pipelines.lm.budget import trial_settings
 from pipelines.lm.cache import cache_path, model_key
 from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
-from pipelines.plan import SECRET_KEY, UserError, redact
+from pipelines.lm.stack import role_lm
+from pipelines.plan import (
+    CONNECT_TIMEOUT_S, SECRET_KEY, Plan, UserError, check_address, first_line, redact, task_key,
+)
 from pipelines.results import merge_evaluations, trial_results, write_json
 from pipelines.summary import print_table
 from pipelines.trial import TrialContext, apply_samples, run_trial
@@ -30,52 +33,22 @@ def start_ray(cfg: dict) -> str:
     """Join the cluster at ``ray.address`` (or ``$RAY_ADDRESS``, as ``ray job submit`` sets it),
     else start a local Ray; returns the run's namespace."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Tune's newer console output prints an experiment banner and TensorBoard hints even at
+    # verbose=0; the legacy reporter at verbose=0 prints nothing. Trials print their own lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     namespace = cfg["ray"]["namespace"] or f"psw-{uuid.uuid4().hex[:8]}"
     address = check_address(cfg["ray"])
     if address:
         _connect(address, namespace, float(cfg["ray"].get("connect_timeout_s") or CONNECT_TIMEOUT_S))
         return namespace
+    # A new local Ray enables token auth and warns that it did on every start: not our user's problem.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(namespace=namespace, _temp_dir=cfg["ray"]["temp_dir"], include_dashboard=False,
-                 num_cpus=os.cpu_count(), log_to_driver=True)
+                 num_cpus=os.cpu_count(), log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise UserError(f"cannot start a local Ray: {_first_line(err)}") from err
+        raise UserError(f"cannot start a local Ray: {first_line(err)}") from err
     return namespace
-
-
-CONNECT_TIMEOUT_S = 60.0
-
-
-def check_address(ray_cfg: dict) -> str | None:
-    """The cluster address to join (None: start a local Ray), checked to be listening."""
-    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        _probe(address, min(float(ray_cfg.get("connect_timeout_s") or CONNECT_TIMEOUT_S), 10.0))
-    return address
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(err).__name__)[:300]
-
-
-def _probe(address: str, timeout_s: float) -> None:
-    """Fail in seconds when nothing listens at the cluster's address.
-
-    ``ray.init`` retries a refused or unroutable address for minutes before giving up, which
-    looks like a hang; one TCP connect answers the common mistakes (typo, cluster down) at once.
-    """
-    from ray._private import services  # resolves "auto" the way ray.init will
-
-    try:
-        target = address.split("://", 1)[1] if "://" in address else services.canonicalize_bootstrap_address(address)
-        if not target:
-            raise ValueError("no cluster address found (set ray.address=host:port or RAY_ADDRESS)")
-        host, _, port = target.rpartition(":")
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError, ConnectionError) as err:
-        why = getattr(err, "strerror", None) or _first_line(err)
-        raise UserError(f"cannot reach the Ray cluster at {address!r}: {why}") from err
 
 
 class _QuietThreadWarning(logging.Filter):
@@ -94,7 +67,7 @@ def _connect(address: str, namespace: str, timeout_s: float) -> None:
 
     def init() -> None:
         try:
-            ray.init(address=address, namespace=namespace, log_to_driver=True)
+            ray.init(address=address, namespace=namespace, log_to_driver=True, logging_level=logging.WARNING)
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             outcome["error"] = err
 
@@ -113,7 +86,7 @@ def _connect(address: str, namespace: str, timeout_s: float) -> None:
         raise err
     if "error" in outcome:
         err = outcome["error"]
-        raise UserError(f"cannot reach the Ray cluster at {address!r}: {_first_line(err)}") from err
+        raise UserError(f"cannot reach the Ray cluster at {address!r}: {first_line(err)}") from err
 
 
 def pool_specs(cfg: dict) -> list[PoolSpec]:
@@ -144,8 +117,9 @@ def scheduler(name: str):
     raise UserError(f"unknown search.scheduler {name!r}; expected fifo, asha or pbt")
 
 
-def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict) -> list[dict]:
-    """Run (or resume) the sweep; returns one row per trial, failures included."""
+def run(plan: Plan, run_dir: Path) -> list[dict]:
+    """Run (or resume) the planned sweep; returns one row per trial, failures included."""
+    cfg = plan.cfg
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", redact(cfg))
     namespace = start_ray(cfg)
@@ -156,18 +130,18 @@ def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict)
             handles = [start_pool(p, namespace) for p in pools]
         except ModelStartError as err:
             raise UserError(str(err)) from err
-        lms = {pool.role: _driver_lm(cfg, pool.role, h) for pool, h in zip(pools, handles) if h}
-        check_context(specs, lms["scorer"])
-        if "proposer" in lms:
+        lms = {pool.role: _driver_lm(cfg, plan, pool.role, h) for pool, h in zip(pools, handles) if h}
+        check_context(plan, lms["scorer"])
+        if "proposer" in lms and GENERATE in plan.capabilities["proposer"]:
             check_proposer(lms["proposer"])
         ctx = TrialContext(
             run_dir=str(run_dir), namespace=namespace, scorer=_serving(pools[0]), proposer=_serving(pools[1]),
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},
             max_steps=int(cfg["search"]["max_steps"]),
             cache_path=cache_path(cfg.get("cache")), model_keys={r: model_key(cfg["lm"][r]) for r in cfg["lm"]},
-            **trial_settings(cfg),
+            capabilities=plan.capabilities, **trial_settings(cfg),
         )
-        grid = _fit(cfg, specs, space, run_dir, ctx)
+        grid = _fit(cfg, plan.specs, plan.space, run_dir, ctx)
         _save_actor_stats(run_dir, pools, handles)
         _check_finished(run_dir)
         return _rows(run_dir, grid)
@@ -175,15 +149,11 @@ def run(cfg: dict, specs: list[dict], space: dict, run_dir: Path, choices: dict)
         ray.shutdown()
 
 
-def _driver_lm(cfg: dict, role: str, handles: list):
-    """A role's LM as the driver uses it: behind the evaluation cache, like a trial's."""
-    from pipelines.lm.budget import Meter
-    from pipelines.lm.cache import CachedLM, EvalStore
-    from pipelines.lm.client import RayLM
-
-    lm = RayLM(handles, usage=Meter())
-    path = cache_path(cfg.get("cache"))
-    return CachedLM(lm, EvalStore(path), model_key(cfg["lm"][role])) if path else lm
+def _driver_lm(cfg: dict, plan: Plan, role: str, handles: list):
+    """A role's LM as the driver uses it: behind the evaluation cache, like a trial's, with no budget."""
+    stack = role_lm(handles, plan.capabilities[role], cache_path=cache_path(cfg.get("cache")),
+                    model_key=model_key(cfg["lm"][role]), role=role)
+    return stack.unbudgeted
 
 
 def _model_error(err: ray.exceptions.RayTaskError, what: str) -> UserError:
@@ -191,31 +161,30 @@ def _model_error(err: ray.exceptions.RayTaskError, what: str) -> UserError:
     from pipelines.lm.actor import ModelLoadFailed
 
     cause = getattr(err, "cause", None) or err
-    return UserError(_first_line(cause) if isinstance(cause, ModelLoadFailed) else f"{what}: {_first_line(cause)}")
+    return UserError(first_line(cause) if isinstance(cause, ModelLoadFailed) else f"{what}: {first_line(cause)}")
 
 
-def check_context(specs: list[dict], scorer) -> None:
+def check_context(plan: Plan, scorer) -> None:
     """Score each task's longest example once, with the hand-written instruction.
 
     Data longer than the model's context window then fails here, in one line, instead of in
     every trial; the backend refuses such requests (see ``HFBackend._check_length``). The
     check goes through the evaluation cache: a request found there was scored before, so it
     fits, and a re-run answered from the cache loads no model for it. Otherwise this is the
-    scorer's first request: a model that cannot load fails here, in one line, too.
+    scorer's first request: a model that cannot load fails here, in one line, too. The
+    tasks are the plan's, built once.
     """
-    from pipelines.trial import build
-
-    for spec in {json.dumps(s["task"], sort_keys=True): s for s in specs}.values():
-        task, _ = build(spec)
+    names = {task_key(s): s["task_name"] for s in plan.specs}
+    for key, task in plan.tasks.items():
         examples = task.train + task.dev + task.test
         if not examples:
             continue
         longest = max(examples, key=lambda ex: len(task.render(task.instruction, ex)))
-        request = (task.render(task.instruction, longest), max(task.choices(longest), key=len))
+        request = Request(task.render(task.instruction, longest), max(task.choices(longest), key=len))
         try:
             scorer.loglikelihood([request])
         except ray.exceptions.RayTaskError as err:
-            raise _model_error(err, f"task {spec['task_name']}") from err
+            raise _model_error(err, f"task {names.get(key, '?')}") from err
 
 
 def check_proposer(proposer) -> None:

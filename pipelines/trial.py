@@ -8,8 +8,7 @@ that step first.
 
 from __future__ import annotations
 
-import functools
-import json
+import logging
 import pickle
 import tempfile
 import time
@@ -17,17 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import numpy as np
 import ray
 from ray import tune
 
 from methods.evaluate import predict
-from methods.lm import PrefixPrompt, SoftPrompt, TokenPrompt
-from pipelines.lm.budget import Budget, BudgetedLM, BudgetExhausted, Meter, Price
-from pipelines.lm.cache import CachedLM, EvalStore
-from pipelines.lm.client import RayLM, Usage
+from methods.lm import EXPORT_PROMPT, PrefixPrompt, SoftPrompt, TokenPrompt
+from pipelines.lm.budget import Budget, BudgetExhausted, Price
 from pipelines.lm.pool import connect
+from pipelines.lm.stack import RoleLM, role_lm
+from pipelines.plan import build
 from pipelines.results import EvalLog, write_json
 from pipelines.summary import format_params
 from tasks.core import Task
@@ -48,6 +46,7 @@ class TrialContext:
         cache_path: the shared evaluation cache (``""``: none); ``model_keys`` name each role's
             model in its keys.
         budget: per-role limits (the ``budget`` config); ``prices`` price each role's tokens.
+        capabilities: what each role's backend declares, by role.
     """
 
     run_dir: str
@@ -60,18 +59,7 @@ class TrialContext:
     model_keys: dict = field(default_factory=dict)
     budget: dict = field(default_factory=dict)
     prices: dict = field(default_factory=dict)
-
-
-@functools.lru_cache(maxsize=8)
-def _task(task_json: str) -> Task:
-    # Trials of the same task in one worker process parse the data once.
-    return hydra.utils.instantiate(json.loads(task_json), _convert_="all")
-
-
-def build(spec: dict) -> tuple[Task, Any]:
-    """The trial's task and method, from its plain config."""
-    task = _task(json.dumps(spec["task"], sort_keys=True))
-    return task, hydra.utils.instantiate(spec["method"], _convert_="all")
+    capabilities: dict = field(default_factory=dict)
 
 
 def apply_samples(spec: dict, sample: dict) -> dict:
@@ -82,6 +70,8 @@ def apply_samples(spec: dict, sample: dict) -> dict:
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """Tune function trainable: the whole life of one (method, task, seed, params) trial."""
+    # Ray Train logs "Checkpoint successfully created" at INFO after every step; progress lines say it.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     spec = apply_samples(config["trial"], config.get("sample", {}))
     task, method = build(spec)
     scorer, proposer = _lm(ctx, "scorer"), _lm(ctx, "proposer")
@@ -91,7 +81,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     while run["step"] < ctx.max_steps and not method.done(run["state"]):
         start = time.perf_counter()
         try:
-            run["state"], report = method.step(run["state"], task, scorer, proposer, run["rng"])
+            run["state"], report = method.step(run["state"], task, scorer.lm, proposer.lm, run["rng"])
         except BudgetExhausted as err:
             # The unfinished step is dropped whole (its results stay in the cache); the state,
             # the log and the checkpoint are those of the last finished step.
@@ -106,18 +96,17 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         _progress(spec, run, metrics)
         _report_with_checkpoint(metrics, run, scorer, proposer)
     # Scoring the best prompt on test is the report, not the search: outside the budget.
-    _finish(ctx, spec, trial_id, task, method, run, scorer.inner, proposer.inner)
+    _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
 
 
-def _lm(ctx: TrialContext, role: str) -> BudgetedLM:
+def _lm(ctx: TrialContext, role: str) -> RoleLM:
     """The role's LM: the shared actors, behind the evaluation cache, behind the budget."""
     pool, replicas = getattr(ctx, role)
-    # A Meter is a Usage with cache and budget counters; it is checkpointed and reported the same way.
-    lm = RayLM(connect(pool, replicas, ctx.namespace), usage=Meter())
-    if ctx.cache_path:
-        lm = CachedLM(lm, EvalStore(ctx.cache_path), ctx.model_keys[role])
-    limits = getattr(Budget.parse(ctx.budget), role)
-    return BudgetedLM(lm, limits, role, ctx.prices.get(role, Price()))
+    return role_lm(
+        connect(pool, replicas, ctx.namespace), ctx.capabilities.get(role, frozenset()),
+        cache_path=ctx.cache_path, model_key=ctx.model_keys.get(role, ""),
+        limits=getattr(Budget.parse(ctx.budget), role), role=role, price=ctx.prices.get(role, Price()),
+    )
 
 
 def _progress(spec: dict, run: dict, metrics: dict) -> None:
@@ -127,55 +116,57 @@ def _progress(spec: dict, run: dict, metrics: dict) -> None:
     )
 
 
-def _fresh(method, task, scorer, proposer, seed: int) -> dict:
+def _fresh(method, task, scorer: RoleLM, proposer: RoleLM, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    state = method.init(task, scorer, proposer, rng)
+    state = method.init(task, scorer.lm, proposer.lm, rng)
     return {"state": state, "rng": rng, "step": 0, "elapsed": time.perf_counter() - start}
 
 
-def _restore(log: EvalLog, scorer: RayLM, proposer: RayLM) -> dict | None:
+def _restore(log: EvalLog, scorer: RoleLM, proposer: RoleLM) -> dict | None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
         run = pickle.loads((Path(d) / CHECKPOINT_FILE).read_bytes())
-    scorer.usage, proposer.usage = run.pop("scorer_usage"), run.pop("proposer_usage")
+    scorer.meter.restore(run.pop("scorer_usage"))
+    proposer.meter.restore(run.pop("proposer_usage"))
     dropped = log.truncate_after(run["step"])
     print(f"[promptsweep] resumed at step {run['step']} (dropped {dropped} uncheckpointed records)", flush=True)
     return run
 
 
-def _records(spec: dict, trial_id: str, step: int, report, scorer: RayLM) -> list[dict]:
+def _records(spec: dict, trial_id: str, step: int, report, scorer: RoleLM) -> list[dict]:
     base = {"trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"], "step": step}
     return [
         {**base, "idx": i, "prompt": e.prompt, "score": e.score, "n": e.n, "kind": e.kind,
          # calls the method asked for, cache hits included: the x-axis of best-so-far plots must
          # not depend on what an earlier run left in the cache
-         "scorer_calls": scorer.usage.calls + scorer.usage.cache_calls, "time": time.time()}
+         "scorer_calls": scorer.meter.charged_calls(), "time": time.time()}
         for i, e in enumerate(report.evaluated)
     ]
 
 
-def _usage(run: dict, scorer: RayLM, proposer: RayLM) -> dict[str, float]:
+def _usage(run: dict, scorer: RoleLM, proposer: RoleLM) -> dict[str, float]:
     return {
         "step": float(run["step"]), "wall_s": run["elapsed"],
-        **scorer.usage.as_dict("scorer"), **proposer.usage.as_dict("proposer"),
+        **scorer.meter.as_dict("scorer"), **proposer.meter.as_dict("proposer"),
     }
 
 
-def _report_with_checkpoint(metrics: dict, run: dict, scorer: RayLM, proposer: RayLM) -> None:
+def _report_with_checkpoint(metrics: dict, run: dict, scorer: RoleLM, proposer: RoleLM) -> None:
     with tempfile.TemporaryDirectory() as d:
-        blob = {**run, "scorer_usage": scorer.usage, "proposer_usage": proposer.usage}
+        blob = {**run, "scorer_usage": scorer.meter, "proposer_usage": proposer.meter}
         (Path(d) / CHECKPOINT_FILE).write_bytes(pickle.dumps(blob))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, run: dict, scorer, proposer) -> None:
+def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, run: dict,
+            scorer: RoleLM, proposer: RoleLM) -> None:
     """Score the final best prompt on test (the only time test data is touched) and record it."""
     start = time.perf_counter()
     best = method.best(run["state"])
-    preds = predict(task, best, task.test, scorer)
+    preds = predict(task, best, task.test, scorer.unbudgeted)
     run["elapsed"] += time.perf_counter() - start
     result = {
         "trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"],
@@ -188,10 +179,10 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
     }
     if isinstance(best, TokenPrompt):
         result["prompt_tokens"] = list(best.ids)
-    if isinstance(best, (SoftPrompt, PrefixPrompt)):
+    if isinstance(best, (SoftPrompt, PrefixPrompt)) and EXPORT_PROMPT in scorer.capabilities:
         kind = "prefix" if isinstance(best, PrefixPrompt) else "soft_prompt"
         out = Path(ctx.run_dir) / "artifacts" / trial_id / kind
-        result["artifact"] = ray.get(scorer.handles[0].export_prompt.remote(best, str(out)))
+        result["artifact"] = scorer.unbudgeted.export_prompt(best, str(out))
     write_json(Path(ctx.run_dir) / "trials" / f"{trial_id}.json", result)
     print(f"[{_label(spec)}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
           f"test examples ({run['elapsed']:.0f}s)", flush=True)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # APE slowed down by a sleep before every step; the sleep changes no result.
 SLOW_APE = """\
-_target_: pipelines.faults.SlowSteps
+_target_: tests.drills.SlowSteps
 step_sleep_s: 0.0
 method:
   _target_: methods.ape.APE

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from methods.lm import PROMPT_SLOT, SoftPrompt, TokenPrompt
+from methods.lm import GENERATE, PROMPT_SLOT, TOKEN_EMBEDDINGS, Request, SoftPrompt, TokenPrompt
 from tasks.core import Example, Task
 
 GOOD_WORDS = ("carefully", "sentiment", "label", "decide", "review")
@@ -63,11 +63,12 @@ class PlantedLM:
         self.generated: list[str] = []
         self._emb = np.random.default_rng(0).standard_normal((vocab, dim)).astype(np.float32)
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]], prompt=None) -> np.ndarray:
+    capabilities = frozenset({GENERATE, TOKEN_EMBEDDINGS})
+
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         self.calls += 1
         self.requests += len(requests)
-        prompts = prompt if isinstance(prompt, (list, tuple)) else [prompt] * len(requests)
-        return np.array([self._ll(c, k, p) for (c, k), p in zip(requests, prompts)], dtype=np.float64)
+        return np.array([self._ll(c, k, p) for c, k, p in requests], dtype=np.float64)
 
     def _ll(self, context: str, continuation: str, prompt) -> float:
         instruction, _, rest = context.partition("\nInput: ")
@@ -99,9 +100,6 @@ class PlantedLM:
         pool = seen + list(VOCAB) if seen else list(VOCAB)
         k = int(rng.integers(2, 6))
         return " ".join(rng.choice(pool, size=k)).capitalize() + "."
-
-    def prompt_grad(self, requests, prompt):
-        raise NotImplementedError("PlantedLM has no gradients; use tests/tiny.py models")
 
     def token_embeddings(self) -> np.ndarray:
         return self._emb

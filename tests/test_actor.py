@@ -17,14 +17,16 @@ import numpy as np
 import pytest
 import ray
 
+from methods.lm import Request
 from pipelines.lm.actor import LMActor, ModelLoadFailed
-from pipelines.lm.budget import Meter
+from pipelines.lm.client import Meter
 from pipelines.lm.cache import CachedLM, EvalStore
 from pipelines.lm.client import RayLM
 from pipelines.lm.pool import PoolSpec, start_pool
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUESTS = [("Review: fine\nSentiment:", " positive"), ("Review: fine\nSentiment:", " negative"), ("Q: two?", " yes")]
+REQUESTS = Request.batch([("Review: fine\nSentiment:", " positive"), ("Review: fine\nSentiment:", " negative"),
+                          ("Q: two?", " yes")])
 
 
 class CountingBackend:
@@ -40,8 +42,8 @@ class CountingBackend:
             f.write(f"{os.getpid()}\n")
         time.sleep(build_s)
 
-    def loglikelihood(self, requests, prompt=None) -> np.ndarray:
-        return np.array([-float(len(c + k)) for c, k in requests])
+    def loglikelihood(self, requests) -> np.ndarray:
+        return np.array([-float(len(r.context + r.continuation)) for r in requests])
 
     def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
         return [[c[::-1][:max_new_tokens]] * n for c in contexts]
@@ -93,7 +95,7 @@ def test_the_actor_starts_without_its_model_and_concurrent_first_requests_load_i
         scores = [pool.submit(lm.loglikelihood, REQUESTS[i:]) for i in range(3)]
         tokens = pool.submit(lm.tokenize, "hi")
         texts = pool.submit(lm.generate, ["abc"], max_new_tokens=2)
-        assert [list(f.result()) for f in scores] == [[-len(c + k) for c, k in REQUESTS[i:]] for i in range(3)]
+        assert [list(f.result()) for f in scores] == [[-len(c + k) for c, k, _ in REQUESTS[i:]] for i in range(3)]
         assert tokens.result() == [104, 105] and texts.result() == [["cb"]]
     stats = ray.get(actor.stats.remote())
     assert stats["loaded"] is True and stats["loads"] == 1 and _builds(marker) == 1
@@ -128,5 +130,5 @@ def test_requests_the_cache_answers_load_no_model(local_ray, tmp_path):
     assert again.usage.calls == 0 and again.usage.cache_calls == 2
     stats = ray.get(handles[0].stats.remote())
     assert stats["loaded"] is False and stats["loads"] == 0 and _builds(second_marker) == 0
-    again.loglikelihood([("a new request", " x")])  # a miss loads the model after all
+    again.loglikelihood(Request.batch([("a new request", " x")]))  # a miss loads the model after all
     assert ray.get(handles[0].stats.remote())["loads"] == 1 and _builds(second_marker) == 1

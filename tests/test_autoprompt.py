@@ -16,7 +16,7 @@ import torch
 
 from methods.autoprompt import AutoPrompt, hotflip_scores, objective_table, swap, top_allowed
 from methods.evaluate import score_prompts
-from methods.lm import PROMPT_SLOT, SoftPrompt, TokenPrompt
+from methods.lm import PROMPT_SLOT, Request, SoftPrompt, TokenPrompt
 from tests.fakes import planted_task, run_steps
 
 WORDS = (
@@ -57,15 +57,11 @@ class GradLM:
         logp = torch.log_softmax(self.W @ (c * gate), dim=0)
         return logp[self.tokenize(continuation)].sum()
 
-    def loglikelihood(self, requests, prompt=None) -> np.ndarray:
+    def loglikelihood(self, requests) -> np.ndarray:
         self.ll_calls += 1
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(requests)
-        self.last_prompts, self.last_requests = prompts, list(requests)
+        self.last_prompts, self.last_requests = [r.prompt for r in requests], list(requests)
         with torch.no_grad():
-            out = [
-                float(self._logp(c, k, None if p is None else self._vectors(p)))
-                for (c, k), p in zip(requests, prompts)
-            ]
+            out = [float(self._logp(c, k, None if p is None else self._vectors(p))) for c, k, p in requests]
         return np.array(out, dtype=np.float64)
 
     def prompt_grad(self, requests, prompt):
@@ -151,7 +147,7 @@ def test_candidate_kept_only_if_it_beats_the_current_triggers():
     for _ in range(6):
         new, report = method.step(state, task, lm, lm, rng)
         reqs, prompts = lm.last_requests, lm.last_prompts
-        nll = -lm.loglikelihood(reqs, prompts).reshape(7, -1).mean(axis=1)
+        nll = -lm.loglikelihood(reqs).reshape(7, -1).mean(axis=1)
         trials = [p.ids for p in prompts[:: len(reqs) // 7]]
         assert trials[0] == state.ids
         winner = trials[int(np.argmin(nll))] if nll.min() < nll[0] else state.ids
@@ -221,7 +217,7 @@ def test_soft_prompts_reach_the_fake_too():
     soft = SoftPrompt(lm.token_embeddings()[[0, 3]])
     tok = TokenPrompt((0, 3))
     reqs = [(f"{PROMPT_SLOT} case is yes", " yes")]
-    assert lm.loglikelihood(reqs, soft)[0] == pytest.approx(lm.loglikelihood(reqs, tok)[0])
+    assert lm.loglikelihood(Request.batch(reqs, soft))[0] == pytest.approx(lm.loglikelihood(Request.batch(reqs, tok))[0])
 
 
 def test_autoprompt_lowers_the_label_loss_of_a_tiny_random_llama():

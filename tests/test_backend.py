@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from methods.lm import LM, PROMPT_SLOT, SoftPrompt, TokenPrompt
-from pipelines.lm.backend import HFBackend
-from pipelines.lm.loading import ModelLoadError
-from pipelines.lm.splice import Row, batches, build_rows, plan_groups, suffix_length
+from methods.lm import LM, PROMPT_SLOT, Request, SoftPrompt, TokenPrompt
+from backends.hf import HFBackend
+from backends.loading import ModelLoadError
+from backends.splice import Row, batches, build_rows, plan_groups, suffix_length
 from tests.tiny import tiny_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_loglikelihood_matches_naive_reference(lm):
         ("", " hello"),  # empty context: scored after the start token
         ("Review: a wonderful, moving film\nSentiment:", ""),  # empty continuation scores 0
     ]
-    got = lm.loglikelihood(requests)
+    got = lm.loglikelihood(Request.batch(requests))
     start = [lm.tokenizer.bos_token_id]  # BOS is not added by default, but starts an empty context
     want = [naive(lm, lm.tokenize(c) or start, lm.tokenize(x)) if x else 0.0 for c, x in requests]
     assert got.dtype == np.float64 and got.shape == (len(requests),)
@@ -74,11 +74,11 @@ def test_loglikelihood_matches_naive_reference(lm):
 def test_prefix_reuse_saves_tokens_and_changes_nothing(lm):
     requests = sst_requests()
     before = lm.usage()["forward_tokens"]
-    with_reuse = lm.loglikelihood(requests)
+    with_reuse = lm.loglikelihood(Request.batch(requests))
     reused = lm.usage()["forward_tokens"] - before
     plain = tiny_backend(min_prefix=0)
     plain.model.load_state_dict(lm.model.state_dict())
-    without = plain.loglikelihood(requests)
+    without = plain.loglikelihood(Request.batch(requests))
     np.testing.assert_allclose(with_reuse, without, atol=1e-5)
     assert reused < 0.6 * plain.usage()["forward_tokens"]
 
@@ -86,13 +86,13 @@ def test_prefix_reuse_saves_tokens_and_changes_nothing(lm):
 def test_results_follow_request_order(lm):
     requests = sst_requests()
     perm = np.random.default_rng(0).permutation(len(requests))
-    np.testing.assert_allclose(lm.loglikelihood([requests[i] for i in perm]), lm.loglikelihood(requests)[perm], atol=1e-5)
+    np.testing.assert_allclose(lm.loglikelihood(Request.batch([requests[i] for i in perm])), lm.loglikelihood(Request.batch(requests))[perm], atol=1e-5)
 
 
 def test_requests_past_the_context_window_are_refused(lm):
     too_long = " ".join(["word"] * 600)  # the tiny model has 512 positions
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        lm.loglikelihood([(too_long, " positive")])
+        lm.loglikelihood(Request.batch([(too_long, " positive")]))
 
 
 def test_bos_is_prepended_when_the_tokenizer_adds_one():
@@ -100,14 +100,14 @@ def test_bos_is_prepended_when_the_tokenizer_adds_one():
     bos = lm.tokenizer.bos_token_id
     requests = [("Review: great acting\nSentiment:", " positive"), ("", " hello")]
     want = [naive(lm, [bos] + lm.tokenize(c), lm.tokenize(x)) for c, x in requests]
-    np.testing.assert_allclose(lm.loglikelihood(requests), want, atol=1e-4)
+    np.testing.assert_allclose(lm.loglikelihood(Request.batch(requests)), want, atol=1e-4)
 
 
 def test_token_prompt_is_spliced_at_the_slot_or_prepended(lm):
     trigger = TokenPrompt(ids=(40, 41, 42))
     left, right = "Task: ", "\n\nReview: great acting\nSentiment:"
     requests = [(left + PROMPT_SLOT + right, " positive"), (right, " negative")]
-    got = lm.loglikelihood(requests, trigger)
+    got = lm.loglikelihood(Request.batch(requests, trigger))
     want = [
         naive(lm, lm.tokenize(left) + [40, 41, 42] + lm.tokenize(right), lm.tokenize(" positive")),
         naive(lm, [40, 41, 42] + lm.tokenize(right), lm.tokenize(" negative")),
@@ -118,14 +118,14 @@ def test_token_prompt_is_spliced_at_the_slot_or_prepended(lm):
 def test_per_request_prompts_and_missing_prompt(lm):
     a, b = TokenPrompt(ids=(50,)), TokenPrompt(ids=(60, 61))
     ctx = PROMPT_SLOT + " Review: fine\nSentiment:"
-    got = lm.loglikelihood([(ctx, " positive"), (ctx, " positive"), ("Review: fine", " ok")], [a, b, None])
-    single = [lm.loglikelihood([(ctx, " positive")], p)[0] for p in (a, b)]
+    got = lm.loglikelihood(Request.batch([(ctx, " positive"), (ctx, " positive"), ("Review: fine", " ok")], [a, b, None]))
+    single = [lm.loglikelihood(Request.batch([(ctx, " positive")], p))[0] for p in (a, b)]
     np.testing.assert_allclose(got[:2], single, atol=1e-5)
     assert abs(got[0] - got[1]) > 1e-3
     with pytest.raises(ValueError, match="PROMPT_SLOT"):
-        lm.loglikelihood([(ctx, " positive")])
+        lm.loglikelihood(Request.batch([(ctx, " positive")]))
     with pytest.raises(ValueError, match="one per request"):
-        lm.loglikelihood([(ctx, " positive")], [a, b])
+        lm.loglikelihood(Request.batch([(ctx, " positive")], [a, b]))
 
 
 def test_soft_prompt_splice_equals_feeding_embeddings(lm):
@@ -133,7 +133,7 @@ def test_soft_prompt_splice_equals_feeding_embeddings(lm):
     soft = [SoftPrompt(rng.normal(0, 0.2, size=(3, 32)).astype(np.float32)) for _ in range(2)]
     left, right = "Instruction: ", " Review: a dull story\nSentiment:"
     requests = [(left + PROMPT_SLOT + right, c) for c in LABELS] * 2
-    got = lm.loglikelihood(requests, [soft[0]] * 3 + [soft[1]] * 3)
+    got = lm.loglikelihood(Request.batch(requests, [soft[0]] * 3 + [soft[1]] * 3))
     want = []
     for i, (_, cont) in enumerate(requests):
         with torch.no_grad():
@@ -146,7 +146,7 @@ def test_soft_prompt_splice_equals_feeding_embeddings(lm):
 def fd_check(lm: HFBackend, requests, make_prompt, base: np.ndarray, coords) -> None:
     """Central finite differences of the loss against the analytic gradient at ``coords``."""
     loss, grad = lm.prompt_grad(requests, make_prompt(base))
-    np.testing.assert_allclose(loss, -lm.loglikelihood(requests, make_prompt(base)).mean(), rtol=1e-6)
+    np.testing.assert_allclose(loss, -lm.loglikelihood(Request.batch(requests, make_prompt(base))).mean(), rtol=1e-6)
     eps = 1e-5
     for i, j in coords:
         up, down = base.copy(), base.copy()
@@ -227,14 +227,15 @@ def test_deepspeed_cpu_engine_matches_torch_engine_in_scores_and_gradients():
     script = textwrap.dedent(
         """
         import numpy as np
-        from pipelines.lm.backend import HFBackend
+        from backends.hf import HFBackend
+        from methods.lm import Request
         from tests.tiny import tiny_model, tiny_tokenizer
         tok = tiny_tokenizer()
         requests = [("Review: great acting\\nSentiment:", c) for c in (" positive", " negative", " the end")]
-        plain = HFBackend.from_model(tiny_model(len(tok)), tok).loglikelihood(requests)
+        plain = HFBackend.from_model(tiny_model(len(tok)), tok).loglikelihood(Request.batch(requests))
         ds = HFBackend.from_model(tiny_model(len(tok)), tok, engine="deepspeed")
         assert type(ds.model).__name__ == "LlamaForCausalLM"
-        np.testing.assert_allclose(ds.loglikelihood(requests), plain, atol=1e-5)
+        np.testing.assert_allclose(ds.loglikelihood(Request.batch(requests)), plain, atol=1e-5)
         # gradients flow through the engine-wrapped model: soft prompts and prefixes train on it
         from methods.lm import PrefixPrompt, SoftPrompt
         rng = np.random.default_rng(0)
@@ -283,6 +284,6 @@ def test_groups_cover_every_row_once_and_targets_stay_in_suffixes():
 def test_default_model_prefers_positive_for_a_glowing_review():
     lm = HFBackend()
     ctx = "Review: a wonderful, moving film\nSentiment:"
-    pos, neg = lm.loglikelihood([(ctx, " positive"), (ctx, " negative")])
+    pos, neg = lm.loglikelihood(Request.batch([(ctx, " positive"), (ctx, " negative")]))
     assert pos > neg
     assert lm.generate(["The capital of France is"], max_new_tokens=4, temperature=0)[0][0].strip()

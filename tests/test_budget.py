@@ -14,6 +14,7 @@ from tests.conftest import run_cli
 from tests.fakes import PlantedLM, planted_task
 from tests.test_cache import Metered, requests
 from tests.test_pipeline import TINY
+from methods.lm import Request
 
 TINY_MODEL = [a for a in TINY if not a.startswith("cache.")]  # the tiny model; each test picks its cache
 
@@ -50,7 +51,7 @@ def test_tokens_overshoot_by_at_most_one_batch():
     per_call = sum(len((c + k).split()) for c, k in batch)
     with pytest.raises(BudgetExhausted, match="tokens used"):
         for _ in range(1000):
-            budgeted.loglikelihood(batch)
+            budgeted.loglikelihood(Request.batch(batch))
     assert 1000 <= lm.usage.tokens < 1000 + per_call
 
 
@@ -58,9 +59,9 @@ def test_the_check_comes_before_the_work():
     lm = Metered(PlantedLM())
     budgeted = BudgetedLM(lm, Limits(calls=2))
     budgeted.generate(["a"], max_new_tokens=4, seed=0)
-    budgeted.loglikelihood([("a", " b")])
+    budgeted.loglikelihood(Request.batch([("a", " b")]))
     with pytest.raises(BudgetExhausted, match="scorer budget exhausted: 2 of 2 calls used"):
-        budgeted.loglikelihood([("a", " b")])
+        budgeted.loglikelihood(Request.batch([("a", " b")]))
     assert lm.usage.calls == 2 and lm.lm.calls == 2  # nothing was dispatched
 
 
@@ -81,12 +82,12 @@ def test_money_is_priced_from_the_counted_tokens():
     lm = Metered(PlantedLM())
     price = Price(prompt=1.0, completion=4.0)
     budgeted = BudgetedLM(lm, Limits(usd=0.05), "proposer", price)
-    budgeted.loglikelihood([("one two three", " four")])  # 4 tokens, all prompt
+    budgeted.loglikelihood(Request.batch([("one two three", " four")]))  # 4 tokens, all prompt
     assert lm.usage.usd == pytest.approx(4 / 1000)
     assert price.cost(100, prompt_share=0.25, prompt_repeats=2) == pytest.approx((25 * 2 * 1.0 + 75 * 4.0) / 1000)
     with pytest.raises(BudgetExhausted, match=r"\$"):
         for _ in range(100):
-            budgeted.loglikelihood([("one two three", " four")])
+            budgeted.loglikelihood(Request.batch([("one two three", " four")]))
     assert lm.usage.usd < 0.05 + 4 / 1000
 
 

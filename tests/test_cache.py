@@ -7,7 +7,7 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from methods.lm import SoftPrompt, TokenPrompt
+from methods.lm import Request, SoftPrompt, TokenPrompt
 from pipelines.lm.budget import Meter
 from pipelines.lm.cache import CachedLM, EvalStore, cache_path, default_path, model_key
 from tests.fakes import PlantedLM, planted_task
@@ -26,13 +26,13 @@ class Metered:
         self.usage.requests += n
         self.usage.tokens += sum(len(t.split()) for t in texts)
 
-    def loglikelihood(self, requests, prompt=None):
+    def loglikelihood(self, requests):
         requests = list(requests)
-        self.batches.append((requests, prompt))
+        self.batches.append(requests)
         if not requests:
             return np.zeros(0)
-        self._count(len(requests), [c + k for c, k in requests])
-        return self.lm.loglikelihood(requests, prompt)
+        self._count(len(requests), [r.context + r.continuation for r in requests])
+        return self.lm.loglikelihood(requests)
 
     def generate(self, contexts, **kwargs):
         out = self.lm.generate(list(contexts), **kwargs)
@@ -70,8 +70,8 @@ def cached(store, key: str = KEY) -> tuple[CachedLM, Metered]:
 def test_a_repeated_call_is_answered_from_the_cache(store):
     lm, inner = cached(store)
     reqs = requests("decide the sentiment")
-    first = lm.loglikelihood(reqs)
-    again = lm.loglikelihood(reqs)
+    first = lm.loglikelihood(Request.batch(reqs))
+    again = lm.loglikelihood(Request.batch(reqs))
     np.testing.assert_array_equal(first, again)
     assert inner.usage.calls == 1 and inner.usage.requests == len(reqs)
     assert (lm.usage.cache_calls, lm.usage.cache_hits) == (1, len(reqs))
@@ -82,13 +82,12 @@ def test_a_repeated_call_is_answered_from_the_cache(store):
 def test_only_misses_reach_the_model_in_one_call(store):
     lm, inner = cached(store)
     old, new = requests("label it"), requests("review carefully")
-    lm.loglikelihood(old)
+    lm.loglikelihood(Request.batch(old))
     mixed = [r for pair in zip(old, new) for r in pair] + new[:2]  # interleaved, with repeats
-    out = lm.loglikelihood(mixed)
+    out = lm.loglikelihood(Request.batch(mixed))
     assert inner.usage.calls == 2
-    sent, _ = inner.batches[-1]
-    assert sent == new  # each missing request once, in order
-    np.testing.assert_array_equal(out, PlantedLM().loglikelihood(mixed))
+    assert inner.batches[-1] == Request.batch(new)  # each missing request once, in order
+    np.testing.assert_array_equal(out, PlantedLM().loglikelihood(Request.batch(mixed)))
     assert lm.usage.cache_hits == len(old) and lm.usage.cache_calls == 0
 
 
@@ -96,21 +95,21 @@ def test_the_cache_outlives_the_process_that_wrote_it(tmp_path):
     path = tmp_path / "evals.sqlite"
     first, _ = cached(EvalStore(path))
     reqs = requests("decide")
-    scores = first.loglikelihood(reqs)
+    scores = first.loglikelihood(Request.batch(reqs))
     first.store.close()
     rerun, inner = cached(EvalStore(path))
-    np.testing.assert_array_equal(rerun.loglikelihood(reqs), scores)
+    np.testing.assert_array_equal(rerun.loglikelihood(Request.batch(reqs)), scores)
     assert inner.usage.calls == 0
 
 
 def test_a_different_model_is_a_different_key(store):
-    base = {"_target_": "pipelines.lm.backend.HFBackend", "model": "smollm2", "dtype": "float32", "max_batch_tokens": 4096}
+    base = {"_target_": "backends.hf.HFBackend", "model": "smollm2", "dtype": "float32", "max_batch_tokens": 4096}
     assert model_key(base) != model_key({**base, "dtype": "bfloat16"})
     assert model_key(base) == model_key({**base, "max_batch_tokens": 512, "threads": 2})  # speed, not answers
     reqs = requests("decide")
-    cached(store, model_key(base))[0].loglikelihood(reqs)
+    cached(store, model_key(base))[0].loglikelihood(Request.batch(reqs))
     other, inner = cached(store, model_key({**base, "dtype": "bfloat16"}))
-    other.loglikelihood(reqs)
+    other.loglikelihood(Request.batch(reqs))
     assert inner.usage.calls == 1
 
 
@@ -118,17 +117,17 @@ def test_spliced_prompts_are_part_of_the_key(store):
     lm, inner = cached(store)
     reqs = [("Input: case 1 is yes\nLabel:", " yes")]
     soft = SoftPrompt(np.ones((2, 8), dtype=np.float32))
-    lm.loglikelihood(reqs, TokenPrompt((1, 2)))
-    lm.loglikelihood(reqs, TokenPrompt((1, 2)))
-    lm.loglikelihood(reqs, TokenPrompt((2, 1)))
-    lm.loglikelihood(reqs, soft)
-    lm.loglikelihood(reqs, SoftPrompt(soft.embeddings.copy()))  # same bytes: same prompt
-    lm.loglikelihood(reqs, SoftPrompt(soft.embeddings + 1e-3))
-    lm.loglikelihood(reqs)
+    lm.loglikelihood(Request.batch(reqs, TokenPrompt((1, 2))))
+    lm.loglikelihood(Request.batch(reqs, TokenPrompt((1, 2))))
+    lm.loglikelihood(Request.batch(reqs, TokenPrompt((2, 1))))
+    lm.loglikelihood(Request.batch(reqs, soft))
+    lm.loglikelihood(Request.batch(reqs, SoftPrompt(soft.embeddings.copy())))  # same bytes: same prompt
+    lm.loglikelihood(Request.batch(reqs, SoftPrompt(soft.embeddings + 1e-3)))
+    lm.loglikelihood(Request.batch(reqs))
     assert inner.usage.calls == 5
     # per-request prompts: the misses keep their own prompts
-    lm.loglikelihood(reqs * 2, [TokenPrompt((1, 2)), TokenPrompt((3, 3))])
-    assert inner.batches[-1] == (reqs, [TokenPrompt((3, 3))])
+    lm.loglikelihood(Request.batch(reqs * 2, [TokenPrompt((1, 2)), TokenPrompt((3, 3))]))
+    assert inner.batches[-1] == Request.batch(reqs, [TokenPrompt((3, 3))])
 
 
 def test_generate_is_cached_only_when_reproducible(store):

@@ -25,9 +25,9 @@ class RecordingLM(PlantedLM):
         self.rounds.append(list(contexts))
         return super().generate(contexts, **kw)
 
-    def loglikelihood(self, requests, prompt=None):
-        self.scored_contexts += [c for c, _ in requests]
-        return super().loglikelihood(requests, prompt)
+    def loglikelihood(self, requests):
+        self.scored_contexts += [r.context for r in requests]
+        return super().loglikelihood(requests)
 
 
 run = run_steps

@@ -61,7 +61,7 @@ def _no_duplicate_keys(run_dir) -> int:
 def test_lm_actor_killed_mid_request_is_restarted_and_its_requests_retried(tmp_path, conf, data_dir, reference):
     marker = tmp_path / "died"
     fault = [arg for role in ("scorer", "proposer") for arg in (
-        f"lm.{role}._target_=pipelines.faults.dying_backend", f"+lm.{role}.marker={marker}",
+        f"lm.{role}._target_=tests.drills.dying_backend", f"+lm.{role}.marker={marker}",
         f"+lm.{role}.die_on_call=3")]
     run_dir = tmp_path / "run"
     proc = run_cli(sweep_args(run_dir, conf, data_dir) + fault)
@@ -117,7 +117,7 @@ def test_trial_that_raises_is_reported_failed_and_the_others_finish(tmp_path, da
     run_dir = tmp_path / "run"
     # The LM scores for real but every proposal is junk, so APE is left with no usable
     # candidate and raises. A retry would fail the same way (the fault is deterministic).
-    junk = [f"lm.{role}._target_=pipelines.faults.babbling_backend" for role in ("scorer", "proposer")]
+    junk = [f"lm.{role}._target_=tests.drills.babbling_backend" for role in ("scorer", "proposer")]
     proc = run_cli([*TINY, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", "search.methods=[manual,ape]",
                     "search.seeds=[0,1]", "method.n_prompts=3", "method.n_eval=8", "search.max_failures=0", *junk])
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
 from methods.autoprompt import AutoPrompt, objective_table
-from methods.lm import PROMPT_SLOT, SoftPrompt, TokenPrompt
-from pipelines.lm.masked import MaskedLMBackend
+from methods.lm import PROMPT_GRAD, PROMPT_SLOT, TOKEN_EMBEDDINGS, PrefixPrompt, Request, SoftPrompt, TokenPrompt
+from backends.masked import MaskedLMBackend
 from tests.fakes import planted_task
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -47,7 +47,7 @@ def test_loglikelihood_reads_the_continuation_at_masks_and_batches_consistently(
     lm = tiny_bert(max_batch=4)
     reqs = [("the film is good", " yes"), ("input odd", " no fine"), ("a", " dull"), ("we so", " yes")] * 2
     reqs += [("it is not very fine at all", " yes")]
-    out = lm.loglikelihood(reqs)
+    out = lm.loglikelihood(Request.batch(reqs))
     expected = [manual_logprob(lm, c, k) for c, k in reqs]
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert len(set(np.round(out, 4))) > 3
@@ -57,12 +57,12 @@ def test_token_and_soft_prompts_splice_at_the_slot():
     lm = tiny_bert()
     ids = tuple(lm.tokenize("very good"))
     reqs = [(f"{PROMPT_SLOT} case is", " yes"), (f"input {PROMPT_SLOT} case", " no")]
-    by_text = lm.loglikelihood([(c.replace(PROMPT_SLOT, "very good"), k) for c, k in reqs])
-    np.testing.assert_allclose(lm.loglikelihood(reqs, TokenPrompt(ids)), by_text, rtol=1e-5)
+    by_text = lm.loglikelihood(Request.batch([(c.replace(PROMPT_SLOT, "very good"), k) for c, k in reqs]))
+    np.testing.assert_allclose(lm.loglikelihood(Request.batch(reqs, TokenPrompt(ids))), by_text, rtol=1e-5)
     soft = SoftPrompt(lm.token_embeddings()[list(ids)])
-    np.testing.assert_allclose(lm.loglikelihood(reqs, [soft, TokenPrompt(ids)]), by_text, rtol=1e-5)
+    np.testing.assert_allclose(lm.loglikelihood(Request.batch(reqs, [soft, TokenPrompt(ids)])), by_text, rtol=1e-5)
     with pytest.raises(ValueError, match="PROMPT_SLOT"):
-        lm.loglikelihood(reqs)
+        lm.loglikelihood(Request.batch(reqs))
 
 
 def test_prompt_grad_matches_finite_differences():
@@ -70,13 +70,13 @@ def test_prompt_grad_matches_finite_differences():
     reqs = [(f"{PROMPT_SLOT} case is yes", " yes"), (f"input {PROMPT_SLOT}", " no fine")] * 3
     emb = np.random.default_rng(0).standard_normal((2, 16)) * 0.5
     loss, grad = lm.prompt_grad(reqs, SoftPrompt(emb))
-    assert loss == pytest.approx(-lm.loglikelihood(reqs, SoftPrompt(emb)).mean(), rel=1e-6)
+    assert loss == pytest.approx(-lm.loglikelihood(Request.batch(reqs, SoftPrompt(emb))).mean(), rel=1e-6)
     h = 1e-5
     for i, j in [(0, 0), (1, 5), (0, 11)]:
         up, down = emb.copy(), emb.copy()
         up[i, j] += h
         down[i, j] -= h
-        lo, hi = (lm.loglikelihood(reqs, SoftPrompt(e)).mean() for e in (down, up))
+        lo, hi = (lm.loglikelihood(Request.batch(reqs, SoftPrompt(e))).mean() for e in (down, up))
         fd = (lo - hi) / (2 * h)
         assert grad[i, j] == pytest.approx(fd, rel=1e-4, abs=1e-7)
 
@@ -105,10 +105,11 @@ def test_autoprompt_lowers_the_label_loss_on_a_masked_lm():
     assert not {lm.tokenize(" yes")[0], lm.tokenize(" no")[0]} & set(state.ids)
 
 
-def test_generate_is_refused_and_tokenizer_must_have_a_mask():
+def test_declares_no_generation_or_prefixes_and_tokenizer_must_have_a_mask():
     lm = tiny_bert()
-    with pytest.raises(NotImplementedError):
-        lm.generate(["the"], max_new_tokens=2)
+    assert lm.capabilities == {PROMPT_GRAD, TOKEN_EMBEDDINGS}
+    with pytest.raises(TypeError, match="causal LM"):
+        lm.loglikelihood([Request("the", " film", PrefixPrompt(np.zeros((1, 4), np.float32)))])
     tok = PreTrainedTokenizerFast(tokenizer_object=lm.tokenizer.backend_tokenizer, pad_token="[PAD]")
     with pytest.raises(ValueError, match="cls"):
         MaskedLMBackend.from_model(lm.model, tok)

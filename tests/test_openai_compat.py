@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from methods.lm import TokenPrompt
-from pipelines.lm.openai_compat import EndpointError, OpenAICompatLM
+from methods.lm import GENERATE, Request, TokenPrompt
+from backends.openai_compat import EndpointError, OpenAICompatLM
 
 KEY = "sk-test-0123456789-do-not-log"
 LABELS = {" positive": -1.2, " negative": -2.0, " neutral": -3.0, "Positive": -1.0}  # total mass < 1
@@ -144,7 +144,7 @@ def test_greedy_asks_once_and_zero_tokens_is_refused(server):
 def test_loglikelihood_reads_the_first_position_top_logprobs(server):
     lm = client(server, top_logprobs=3)
     requests = [(f"Review {i}\nSentiment:", label) for i in range(3) for label in (" positive", " negative", " meh")]
-    out = lm.loglikelihood(requests)
+    out = lm.loglikelihood(Request.batch(requests))
     calls = [s["body"] for s in server.seen]
     assert len(calls) == 3  # one request per distinct context, not per label
     assert all(c["max_tokens"] == 1 and c["logprobs"] == 3 and not c.get("echo") for c in calls)
@@ -158,7 +158,7 @@ def test_loglikelihood_reads_the_first_position_top_logprobs(server):
 def test_chat_endpoint_sends_messages_and_reads_chat_logprobs(server):
     lm = client(server, chat=True, top_logprobs=4)
     assert lm.generate(["write"], max_new_tokens=3, temperature=0.5, seed=2) == [["chat 2"]]
-    (score,) = lm.loglikelihood([("Is it good?", " Positive")])  # a reply starts a turn: no leading space
+    (score,) = lm.loglikelihood(Request.batch([("Is it good?", " Positive")]))  # a reply starts a turn: no leading space
     sent = server.seen[-1]
     assert sent["path"] == "/v1/chat/completions" and sent["body"]["messages"] == [{"role": "user", "content": "Is it good?"}]
     assert sent["body"]["logprobs"] is True and sent["body"]["top_logprobs"] == 4
@@ -169,9 +169,9 @@ def test_multi_token_labels_fail_loudly_unless_first_token_is_accepted(server):
     strict = client(server, tokenizer_path="/extras/tokenize")
     assert strict.tokenize(" very positive") == tokens_of(" very positive")[1:]  # the server's BOS dropped
     with pytest.raises(ValueError, match="2 tokens"):
-        strict.loglikelihood([("ctx", " positive mood")])
+        strict.loglikelihood(Request.batch([("ctx", " positive mood")]))
     lenient = client(server, tokenizer_path="/extras/tokenize", multi_token="first")
-    (score,) = lenient.loglikelihood([("ctx", " positive mood")])
+    (score,) = lenient.loglikelihood(Request.batch([("ctx", " positive mood")]))
     assert score == pytest.approx(top_for("ctx")[" positive"])
 
 
@@ -180,7 +180,7 @@ def test_the_key_never_leaves_the_request_header(server, capsys):
     with pytest.raises(EndpointError) as err:
         lm.generate(["echo my headers"], max_new_tokens=2, temperature=0.0)
     assert "HTTP 400" in str(err.value) and KEY not in str(err.value)
-    outputs = [lm.generate(["x"], max_new_tokens=2, temperature=0.0), lm.loglikelihood([("x", " positive")]).tolist()]
+    outputs = [lm.generate(["x"], max_new_tokens=2, temperature=0.0), lm.loglikelihood(Request.batch([("x", " positive")])).tolist()]
     captured = capsys.readouterr()
     assert KEY not in repr(vars(lm)) + repr(lm) + json.dumps(outputs) + captured.out + captured.err
     with pytest.raises(ValueError) as err:
@@ -198,14 +198,11 @@ def test_a_missing_key_is_a_clear_401_and_transient_errors_are_retried(server, m
     assert server.seen[-1]["auth"] is None
 
 
-def test_local_model_operations_are_refused_with_a_reason(server):
+def test_declares_generation_only_and_refuses_spliced_prompts(server):
     lm = client(server)
-    with pytest.raises(NotImplementedError, match="local model"):
-        lm.prompt_grad([("a", " b")], TokenPrompt((1,)))
-    with pytest.raises(NotImplementedError, match="local model"):
-        lm.token_embeddings()
-    with pytest.raises(NotImplementedError, match="spliced"):
-        lm.loglikelihood([("a", " b")], TokenPrompt((1,)))
+    assert lm.capabilities == {GENERATE}
+    with pytest.raises(TypeError, match="text only"):
+        lm.loglikelihood(Request.batch([("a", " b")], TokenPrompt((1,))))
     assert lm.decode(lm.tokenize("héllo")) == "héllo" and len(lm.tokenize("héllo")) == 6  # bytes: an upper bound
     assert server.seen == []
 
@@ -236,6 +233,6 @@ def test_against_a_real_llama_cpp_server():
     greedy = lm.generate(["The capital of France is"], max_new_tokens=4, temperature=0.0)
     assert "Paris" in greedy[0][0]
     context = "Review: a wonderful, moving film.\nSentiment (positive or negative):"
-    pos, neg = lm.loglikelihood([(context, " positive"), (context, " negative")])
+    pos, neg = lm.loglikelihood(Request.batch([(context, " positive"), (context, " negative")]))
     assert np.isfinite([pos, neg]).all() and pos > neg and pos < 0
     assert lm.tokenize(" positive") and lm.decode(lm.tokenize(" positive")) == " positive"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelines.peft_export import load_soft_prompt, save_soft_prompt
+from backends.peft_export import load_soft_prompt, save_soft_prompt
+from methods.lm import Request
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -87,7 +88,7 @@ def test_a_trained_prompt_reloaded_by_peft_reproduces_the_backend_scores(tmp_pat
     save_soft_prompt(tiny_model(vocab), prompt, tmp_path)
     peft_model = PeftModel.from_pretrained(tiny_model(vocab), str(tmp_path)).eval()
     reqs = label_requests(task, task.dev)
-    expected = lm.loglikelihood(reqs, SoftPrompt(prompt))
+    expected = lm.loglikelihood(Request.batch(reqs, SoftPrompt(prompt)))
     for (context, continuation), want in zip(reqs, expected):
         before, after = context.split(PROMPT_SLOT)
         assert before == ""  # the slot opens the template

@@ -21,8 +21,8 @@ def test_soft_and_prefix_trials_train_and_export_peft_adapters(tmp_path, data_di
     rows = {r["method"]: r for r in json.loads((run_dir / "summary.json").read_text())["trials"]}
     assert rows["prefix_tuning"]["status"] == "ok" and rows["prefix_tuning"]["prompt_kind"] == "PrefixPrompt"
     assert rows["soft_prompt"]["prompt_kind"] == "SoftPrompt"
-    from pipelines.lm.tiny import tiny_model, tiny_tokenizer
-    from pipelines.peft_export import load_prefix, load_soft_prompt
+    from backends.tiny import tiny_model, tiny_tokenizer
+    from backends.peft_export import load_prefix, load_soft_prompt
 
     vocab = len(tiny_tokenizer())
     prefix_dir, soft_dir = rows["prefix_tuning"]["artifact"], rows["soft_prompt"]["artifact"]

@@ -8,10 +8,10 @@ import torch
 
 from methods.autoprompt import label_requests
 from methods.evaluate import score_prompts, slot_text
-from methods.lm import PROMPT_SLOT, PrefixPrompt, SoftPrompt
+from methods.lm import PROMPT_SLOT, PrefixPrompt, Request, SoftPrompt
 from methods.soft_prompt import SoftPromptTuning
-from pipelines.lm.prefix import KVShape, from_layers, split_by_prefix, to_layers
-from pipelines.peft_export import load_prefix, save_prefix
+from backends.prefix import KVShape, from_layers, split_by_prefix, to_layers
+from backends.peft_export import load_prefix, save_prefix
 from tests.fakes import planted_task
 from tests.test_backend import SENTENCES, fd_check, naive
 from tests.tiny import tiny_backend, tiny_model
@@ -48,7 +48,7 @@ def test_backend_scores_equal_peft_prefix_tuning_forward(lm, tmp_path):
     np.testing.assert_array_equal(load_prefix(tmp_path, tiny_model(len(lm.tokenizer))), prefix)
     peft_model = PeftModel.from_pretrained(tiny_model(len(lm.tokenizer)), str(tmp_path)).eval()
     requests = [(f"Review: {s}\nSentiment:", c) for s in SENTENCES[:3] for c in (" positive", " the worst")]
-    got = lm.loglikelihood(requests, PrefixPrompt(prefix))
+    got = lm.loglikelihood(Request.batch(requests, PrefixPrompt(prefix)))
     for (context, cont), want in zip(requests, got):
         ctx, ids = lm.tokenize(context), lm.tokenize(cont)
         x = torch.tensor([ctx + ids])
@@ -56,7 +56,7 @@ def test_backend_scores_equal_peft_prefix_tuning_forward(lm, tmp_path):
             logp = torch.log_softmax(peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].double(), -1)
         ref = sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(ids))
         assert want == pytest.approx(ref, rel=1e-4, abs=1e-4)
-    plain = lm.loglikelihood(requests)
+    plain = lm.loglikelihood(Request.batch(requests))
     assert np.abs(plain - got).max() > 1e-2  # the prefix changes the scores
 
 
@@ -65,7 +65,7 @@ def test_states_of_real_words_as_a_prefix_equal_the_words_in_the_context(lm):
     states = lm.prefix_states(words)
     assert states.shape == (len(lm.tokenize(words)), lm.kv_shape.width) and states.dtype == np.float32
     requests = [(f" Review: {s}\nSentiment:", " positive") for s in SENTENCES]
-    got = lm.loglikelihood(requests, PrefixPrompt(states))
+    got = lm.loglikelihood(Request.batch(requests, PrefixPrompt(states)))
     for (context, cont), value in zip(requests, got):
         ref = naive(lm, lm.tokenize(words) + lm.tokenize(context), lm.tokenize(cont))
         assert value == pytest.approx(ref, rel=1e-5, abs=1e-5)
@@ -78,8 +78,8 @@ def test_mixed_prompts_in_one_call_equal_separate_calls(lm):
     reqs = [(f"Review: {s}\nSentiment:", " positive") for s in SENTENCES]
     slotted = [(f"{PROMPT_SLOT}{c}", k) for c, k in reqs]
     mixed = [(reqs[0], a), (slotted[1], soft), (reqs[2], b), (reqs[3], None), (reqs[4], a), (reqs[1], b)]
-    got = lm.loglikelihood([r for r, _ in mixed], [p for _, p in mixed])
-    want = [lm.loglikelihood([r], p)[0] for r, p in mixed]
+    got = lm.loglikelihood(Request.batch([r for r, _ in mixed], [p for _, p in mixed]))
+    want = [lm.loglikelihood(Request.batch([r], p))[0] for r, p in mixed]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert [g[1] for g in split_by_prefix([p for _, p in mixed])] == [[1, 3], [0, 4], [2, 5]]
 
@@ -94,7 +94,7 @@ def test_prefix_grad_matches_finite_differences():
 
 def test_a_wrong_width_is_a_clear_error(lm):
     with pytest.raises(ValueError, match="prefix must be"):
-        lm.loglikelihood([("a", " b")], PrefixPrompt(np.zeros((2, 10), np.float32)))
+        lm.loglikelihood(Request.batch([("a", " b")], PrefixPrompt(np.zeros((2, 10), np.float32))))
 
 
 def test_prefix_tuning_lowers_the_loss_and_keeps_its_state_picklable(lm):
@@ -112,7 +112,7 @@ def test_prefix_tuning_lowers_the_loss_and_keeps_its_state_picklable(lm):
     reqs = label_requests(task, task.train, "")
 
     def loss(p):
-        return float(-lm.loglikelihood(reqs, PrefixPrompt(p)).mean())
+        return float(-lm.loglikelihood(Request.batch(reqs, PrefixPrompt(p))).mean())
 
     for _ in range(10):
         state, report = method.step(state, task, lm, lm, rng)

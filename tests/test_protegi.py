@@ -23,9 +23,9 @@ class RecordingLM(PlantedLM):
         super().__init__()
         self.contexts, self.batches = [], []
 
-    def loglikelihood(self, requests, prompt=None):
+    def loglikelihood(self, requests):
         self.batches.append(len(requests))
-        return super().loglikelihood(requests, prompt)
+        return super().loglikelihood(requests)
 
     def generate(self, contexts, **kw):
         self.contexts += list(contexts)

@@ -20,9 +20,9 @@ import pytest
 import torch
 import yaml
 
-from pipelines.lm import loading
-from pipelines.lm.backend import HFBackend
-from pipelines.lm.tiny import tiny_model, tiny_tokenizer
+from backends import loading
+from backends.hf import HFBackend
+from backends.tiny import tiny_model, tiny_tokenizer
 from tests._fault_cluster import free_port
 from tests.conftest import ROOT, run_cli
 

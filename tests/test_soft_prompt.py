@@ -10,7 +10,7 @@ import torch
 
 from methods.autoprompt import label_requests
 from methods.evaluate import score_prompts
-from methods.lm import SoftPrompt
+from methods.lm import Request, SoftPrompt
 from methods.soft_prompt import (
     SoftPromptTuning, adam, clip, init_mlp, mlp_backward, mlp_forward, nearest_tokens, text_init,
 )
@@ -30,7 +30,7 @@ def run(method, task, lm, steps, seed=0, state=None, rng=None):
 
 def nll(task, lm, prompt: np.ndarray) -> float:
     reqs = label_requests(task, task.train)
-    return float(-lm.loglikelihood(reqs, SoftPrompt(prompt)).mean())
+    return float(-lm.loglikelihood(Request.batch(reqs, SoftPrompt(prompt))).mean())
 
 
 @pytest.mark.parametrize("encoder", ["none", "mlp"])

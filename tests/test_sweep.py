@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines import sweep
-from pipelines.lm.budget import Meter
 from pipelines.lm.cache import CachedLM, EvalStore
+from pipelines.lm.client import Meter
+from pipelines.plan import Plan, task_key
 from tests.fakes import planted_task
 
 
@@ -16,7 +17,7 @@ class CountingLM:
     def __init__(self) -> None:
         self.usage = Meter()
 
-    def loglikelihood(self, requests, prompt=None) -> np.ndarray:
+    def loglikelihood(self, requests) -> np.ndarray:
         self.usage.calls += 1
         self.usage.requests += len(requests)
         return np.zeros(len(requests))
@@ -29,13 +30,13 @@ class CountingLM:
 
 def test_start_up_checks_answered_by_the_cache_reach_no_model(tmp_path, monkeypatch):
     task = planted_task(n_train=4, n_dev=4, n_test=4)
-    monkeypatch.setattr("pipelines.trial.build", lambda spec: (task, None))
     specs = [{"task": {"name": "planted"}, "task_name": "planted"}]
+    plan = Plan({}, specs, {}, tasks={task_key(specs[0]): task})
     store = EvalStore(tmp_path / "evals.sqlite")
     first, again = CountingLM(), CountingLM()
     for lm in (first, again):  # the first run, then a re-run against the same cache
         cached = CachedLM(lm, store, "counting:0")
-        sweep.check_context(specs, cached)
+        sweep.check_context(plan, cached)
         sweep.check_proposer(cached)
     assert (first.usage.calls, first.usage.requests) == (2, 2)
     assert (again.usage.calls, again.usage.requests) == (0, 0) and again.usage.cache_calls == 2

@@ -32,11 +32,6 @@ class ModelLoadFailed(RuntimeError):
     """The actor's model could not be built; every request needing it gets this, in one line."""
 
 
-def _expand(prompt: Any, n: int) -> list:
-    """One prompt entry per request (``prompt`` may be one prompt, a list, or None)."""
-    return list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * n
-
-
 def _unwrap(err: BaseException) -> BaseException:
     """The constructor's own error, out of the ``InstantiationException`` Hydra wraps it in.
 
@@ -63,6 +58,9 @@ def _count_tokens(backend, texts: list) -> int:
 class LMActor:
     """Wraps a backend (anything satisfying ``methods.lm.LM``) built from a plain config dict.
 
+    It serves whatever the backend implements; callers ask only for what the backend declares
+    in ``capabilities`` (the sweep checks the methods' needs against it before it starts).
+
     Args:
         backend: a Hydra-style dict with ``_target_`` naming the backend class; built on
             the first request that needs the model (see :meth:`load`).
@@ -76,7 +74,7 @@ class LMActor:
         self._load_error = ""  # a failed load is not retried: every later request gets the same error
         self._load_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._pending: list[tuple[list, list, asyncio.Future]] = []
+        self._pending: list[tuple[list, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
         self._coalesce_s = coalesce_ms / 1000.0
         self._stats = {"calls": 0, "requests": 0, "batches": 0, "busy_s": 0.0, "loads": 0, "load_s": 0.0}
@@ -125,16 +123,17 @@ class LMActor:
         finally:
             self._stats["busy_s"] += time.perf_counter() - start
 
-    async def loglikelihood(self, requests: list, prompt: Any = None) -> dict:
-        """``{"result": float64 [n], "tokens": int}``; tokens counts each distinct context once."""
+    async def loglikelihood(self, requests: list) -> dict:
+        """``{"result": float64 [n], "tokens": int}`` for ``methods.lm.Request`` s; tokens counts each
+        distinct context once."""
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((list(requests), _expand(prompt, len(requests)), fut))
+        self._pending.append((list(requests), fut))
         self._stats["calls"] += 1
         self._stats["requests"] += len(requests)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         scores = await fut
-        texts = list(dict.fromkeys(c for c, _ in requests)) + [k for _, k in requests]
+        texts = list(dict.fromkeys(r.context for r in requests)) + [r.continuation for r in requests]
         return {"result": scores, "tokens": await self._call(_count_tokens, texts)}
 
     async def _drain(self) -> None:
@@ -142,17 +141,15 @@ class LMActor:
         await asyncio.sleep(self._coalesce_s)
         while self._pending:
             batch, self._pending = self._pending, []
-            requests = [r for reqs, _, _ in batch for r in reqs]
-            prompts = [p for _, ps, _ in batch for p in ps]
-            has_prompt = any(p is not None for p in prompts)
+            requests = [r for reqs, _ in batch for r in reqs]
             try:
-                scores = await self._call(lambda b: b.loglikelihood(requests, prompts if has_prompt else None))
+                scores = await self._call(lambda b: b.loglikelihood(requests))
             except Exception as err:  # every waiting caller gets the error, not a hang
-                for _, _, fut in batch:
+                for _, fut in batch:
                     fut.set_exception(err)
                 continue
             i = 0
-            for reqs, _, fut in batch:
+            for reqs, fut in batch:
                 fut.set_result(scores[i : i + len(reqs)])
                 i += len(reqs)
             self._stats["batches"] += 1
@@ -183,20 +180,9 @@ class LMActor:
 
     async def export_prompt(self, prompt: Any, out_dir: str) -> str:
         """Save a soft prompt or prefix as a PEFT adapter of this actor's model (no second model copy)."""
-        return str(await self._call(_export_prompt, prompt, out_dir))
+        return str(await self._call(lambda b: b.export_prompt(prompt, out_dir)))
 
     def stats(self) -> dict:
         """Calls, requests, merged batches, busy seconds, and model loads since the actor started."""
         return {**self._stats, "loaded": self._backend is not None}
 
-
-def _export_prompt(backend, prompt: Any, out_dir: str):
-    from methods.lm import PrefixPrompt
-    from pipelines.peft_export import save_prefix, save_soft_prompt
-
-    model = getattr(backend, "model", None)
-    if model is None:
-        raise TypeError(f"{type(backend).__name__} holds no torch model to export against")
-    if isinstance(prompt, PrefixPrompt):
-        return save_prefix(model, prompt.key_values, out_dir)
-    return save_soft_prompt(model, prompt.embeddings, out_dir)

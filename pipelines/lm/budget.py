@@ -20,51 +20,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
+
+from methods.lm import Request
+from pipelines.lm.client import Meter, forward_to_inner
 
 ROLES = ("scorer", "proposer")
 
 
 class BudgetExhausted(RuntimeError):
     """A role's budget was used up before a call could start; nothing was dispatched."""
-
-
-@dataclass
-class Meter:
-    """Everything one trial used of one LM role (the trial's ``usage``; checkpointed with it).
-
-    ``RayLM`` updates the first three counters for work that reached the model; the
-    evaluation cache and the budget update the rest.
-
-    Attributes:
-        calls, requests, tokens: LM calls, requests and tokens that reached the model.
-        cache_calls: calls answered entirely from the evaluation cache.
-        cache_hits: requests answered from the cache.
-        cache_tokens: tokens those requests cost when they were first computed.
-        usd: estimated price of the budgeted work (API models; 0 for local ones).
-        budget_exhausted: 1 once a call was refused for lack of budget.
-    """
-
-    calls: int = 0
-    requests: int = 0
-    tokens: int = 0
-    cache_calls: int = 0
-    cache_hits: int = 0
-    cache_tokens: float = 0.0
-    usd: float = 0.0
-    budget_exhausted: int = 0
-
-    def as_dict(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_{f.name}": float(getattr(self, f.name)) for f in fields(self)}
-
-    def charged_calls(self) -> int:
-        """Calls counted against the budget: to the model or answered by the cache."""
-        return self.calls + self.cache_calls
-
-    def charged_tokens(self) -> float:
-        return self.tokens + self.cache_tokens
 
 
 def _check_cap(name: str, value, integer: bool):
@@ -174,7 +141,7 @@ class BudgetedLM:
     Args:
         inner: the LM doing the work; its ``usage`` is a :class:`Meter` that it (and a cache
             below it) keeps up to date. Read on every call, so a trial that restores its
-            counters from a checkpoint by assigning ``usage`` is budgeted from there on.
+            counters from a checkpoint (:meth:`Meter.restore`) is budgeted from there on.
         limits: this role's caps.
         role: "scorer" or "proposer", for messages.
         price: what the model charges; money is estimated from the counted tokens.
@@ -183,17 +150,7 @@ class BudgetedLM:
     def __init__(self, inner, limits: Limits, role: str = "scorer", price: Price = Price()) -> None:
         self.inner, self.limits, self.role, self.price = inner, limits, role, price
 
-    @property
-    def usage(self) -> Meter:
-        return self.inner.usage
-
-    @usage.setter
-    def usage(self, value: Meter) -> None:
-        self.inner.usage = value
-
-    @property
-    def handles(self) -> list:
-        return self.inner.handles
+    __getattr__ = forward_to_inner  # embeddings, prefix states, tokenizing: free
 
     def _check(self) -> float:
         """Raise if no budget is left; else the tokens charged so far (to price the call by)."""
@@ -207,9 +164,9 @@ class BudgetedLM:
         spent = self.usage.charged_tokens() - before
         self.usage.usd += self.price.cost(spent, prompt_share, prompt_repeats)
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]], prompt=None) -> np.ndarray:
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         before = self._check()
-        out = self.inner.loglikelihood(requests, prompt)
+        out = self.inner.loglikelihood(requests)
         self._charge(before)
         return out
 
@@ -231,18 +188,6 @@ class BudgetedLM:
         out = self.inner.prompt_grad(requests, prompt)
         self._charge(before)
         return out
-
-    def token_embeddings(self) -> np.ndarray:
-        return self.inner.token_embeddings()
-
-    def prefix_states(self, text: str) -> np.ndarray:
-        return self.inner.prefix_states(text)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.inner.tokenize(text)
-
-    def decode(self, ids) -> str:
-        return self.inner.decode(ids)
 
 
 def projection(cfg: dict, n_trials: int) -> str:

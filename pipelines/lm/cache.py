@@ -4,7 +4,7 @@ Results are keyed by (model identity, request content, decoding settings) and ke
 SQLite file (WAL mode: many reader and writer processes on one machine). The trial wraps
 its LM in :class:`CachedLM`, which looks every request of a call up at once and sends only
 the misses to the model, in one call. Two methods proposing the same prompt, or a re-run of
-the same sweep, therefore cost no new model calls.
+the same sweep, therefore cost no new model calls. Every other call passes through.
 
 What is cached:
     - ``loglikelihood``: per request, keyed by context, continuation and the spliced token
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from methods.lm import PrefixPrompt, SoftPrompt, TokenPrompt
+from methods.lm import PrefixPrompt, Request, SoftPrompt, TokenPrompt
+from pipelines.lm.client import forward_to_inner
 
 # Model-config keys that change how fast a model runs, not what it answers.
 RUNTIME_KEYS = frozenset({
@@ -194,41 +195,29 @@ class CachedLM:
     def __init__(self, inner, store: EvalStore, model_key: str) -> None:
         self.inner, self.store, self.model_key = inner, store, model_key
 
-    @property
-    def usage(self):
-        return self.inner.usage
+    __getattr__ = forward_to_inner  # gradients, embeddings, tokenizing: never cached
 
-    @usage.setter
-    def usage(self, value) -> None:
-        self.inner.usage = value
-
-    @property
-    def handles(self) -> list:
-        return self.inner.handles
-
-    def loglikelihood(self, requests: Sequence[tuple[str, str]], prompt=None) -> np.ndarray:
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         requests = list(requests)
-        per = isinstance(prompt, (list, tuple))
-        prompts = list(prompt) if per else [prompt] * len(requests)
         ids: dict[int, str] = {}  # one hash per distinct prompt object (soft prompts are big)
         keys = [
-            _digest("ll", self.model_key, c, k, ids.setdefault(id(p), prompt_id(p)))
-            for (c, k), p in zip(requests, prompts)
+            _digest("ll", self.model_key, r.context, r.continuation, ids.setdefault(id(r.prompt), prompt_id(r.prompt)))
+            for r in requests
         ]
         found = self.store.get_many(keys)
         missing = list(dict.fromkeys(k for k in keys if k not in found))
         self._count_hits([found[k][1] for k in keys if k in found], whole_call=bool(requests) and not missing)
         if missing:
-            found.update(self._compute(missing, keys, requests, prompts, per, prompt))
+            found.update(self._compute(missing, keys, requests))
         return np.array([found[k][0] for k in keys], dtype=np.float64)
 
-    def _compute(self, missing, keys, requests, prompts, per, prompt) -> dict:
+    def _compute(self, missing: list[bytes], keys: list[bytes], requests: list[Request]) -> dict:
         """Score the missing requests in one call, store them, and return them by key."""
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        rows = [first[k] for k in missing]
+        todo = [requests[first[k]] for k in missing]
         before = self.usage.tokens
-        scores = self.inner.loglikelihood([requests[i] for i in rows], [prompts[i] for i in rows] if per else prompt)
-        tokens = _spread(self.usage.tokens - before, [len(requests[i][0]) + len(requests[i][1]) for i in rows])
+        scores = self.inner.loglikelihood(todo)
+        tokens = _spread(self.usage.tokens - before, [len(r.context) + len(r.continuation) for r in todo])
         new = [(k, float(s), t) for k, s, t in zip(missing, scores, tokens)]
         self.store.put_many(new)
         return {k: (v, t) for k, v, t in new}
@@ -254,18 +243,3 @@ class CachedLM:
         out = self.inner.generate(contexts, **call)
         self.store.put_many([(key, out, self.usage.tokens - before)])
         return out
-
-    def prompt_grad(self, requests, prompt):
-        return self.inner.prompt_grad(requests, prompt)
-
-    def token_embeddings(self) -> np.ndarray:
-        return self.inner.token_embeddings()
-
-    def prefix_states(self, text: str) -> np.ndarray:
-        return self.inner.prefix_states(text)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.inner.tokenize(text)
-
-    def decode(self, ids) -> str:
-        return self.inner.decode(ids)

@@ -1,29 +1,73 @@
 """The trial-side LM: satisfies ``methods.lm.LM`` over a pool of shared Ray actors.
 
 Each call shards its batch across the replicas, submits every shard, and waits once
-(one ``ray.get``). It also counts what this trial used, so results can report calls and
-tokens per trial even though the model is shared by the whole sweep.
+(one ``ray.get``). It also counts what this trial used in a :class:`Meter`, so results can
+report calls and tokens per trial even though the model is shared by the whole sweep.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import ray
 
+from methods.lm import Request
+
 
 @dataclass
-class Usage:
-    """What one trial asked of one LM role."""
+class Meter:
+    """Everything one trial used of one LM role (checkpointed with the trial).
+
+    One meter per role is shared by every layer of that role's stack (see
+    :mod:`pipelines.lm.stack`): :class:`RayLM` counts the work that reached the model, the
+    evaluation cache what it answered, the budget the money.
+
+    Attributes:
+        calls, requests, tokens: LM calls, requests and tokens that reached the model.
+        cache_calls: calls answered entirely from the evaluation cache.
+        cache_hits: requests answered from the cache.
+        cache_tokens: tokens those requests cost when they were first computed.
+        usd: estimated price of the budgeted work (API models; 0 for local ones).
+        budget_exhausted: 1 once a call was refused for lack of budget.
+    """
 
     calls: int = 0
     requests: int = 0
     tokens: int = 0
+    cache_calls: int = 0
+    cache_hits: int = 0
+    cache_tokens: float = 0.0
+    usd: float = 0.0
+    budget_exhausted: int = 0
 
     def as_dict(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_{k}": float(v) for k, v in vars(self).items()}
+        return {f"{prefix}_{f.name}": float(getattr(self, f.name)) for f in fields(self)}
+
+    def charged_calls(self) -> int:
+        """Calls the method asked for: to the model or answered by the cache (what budgets count)."""
+        return self.calls + self.cache_calls
+
+    def charged_tokens(self) -> float:
+        return self.tokens + self.cache_tokens
+
+    def restore(self, saved: Meter) -> None:
+        """Take ``saved``'s counts in place (a resumed trial), so every layer holding this meter sees them."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(saved, f.name))
+
+
+def forward_to_inner(self, name: str) -> Any:
+    """``__getattr__`` of a wrapper: what the wrapper does not change is the layer below's.
+
+    Dunder names and ``inner`` itself are not forwarded, so copying or unpickling a
+    half-built wrapper fails plainly instead of recursing.
+    """
+    if name.startswith("__") or name == "inner":
+        raise AttributeError(name)
+    return getattr(self.inner, name)
 
 
 def shards(n: int, k: int) -> list[slice]:
@@ -42,11 +86,13 @@ class RayLM:
 
     Args:
         handles: the replicas; shards go to them in order.
+        capabilities: what the backend behind the actors declares.
         usage: counters, updated by every call.
     """
 
     handles: list
-    usage: Usage = field(default_factory=Usage)
+    capabilities: frozenset[str] = frozenset()
+    usage: Meter = field(default_factory=Meter)
     _embeddings: np.ndarray | None = field(default=None, repr=False)
 
     def _gather(self, refs: list) -> list:
@@ -55,17 +101,13 @@ class RayLM:
         self.usage.tokens += sum(o["tokens"] for o in outs)
         return [o["result"] for o in outs]
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]], prompt=None) -> np.ndarray:
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         requests = list(requests)
         self.usage.requests += len(requests)
         if not requests:
             return np.zeros(0)
-        per = isinstance(prompt, (list, tuple))
         parts = shards(len(requests), len(self.handles))
-        refs = [
-            h.loglikelihood.remote(requests[s], list(prompt[s]) if per else prompt)
-            for h, s in zip(self.handles, parts)
-        ]
+        refs = [h.loglikelihood.remote(requests[s]) for h, s in zip(self.handles, parts)]
         return np.concatenate([np.asarray(r, dtype=np.float64) for r in self._gather(refs)])
 
     def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
@@ -105,6 +147,10 @@ class RayLM:
 
     def prefix_states(self, text: str) -> np.ndarray:
         return ray.get(self.handles[0].prefix_states.remote(text))
+
+    def export_prompt(self, prompt, out_dir: str) -> str:
+        """Save a trained soft prompt or prefix as a PEFT adapter, on a replica that holds the model."""
+        return ray.get(self.handles[0].export_prompt.remote(prompt, out_dir))
 
     def tokenize(self, text: str) -> list[int]:
         return ray.get(self.handles[0].tokenize_many.remote([text]))[0]

@@ -1,6 +1,7 @@
 """An ``LM`` backed by an OpenAI-compatible HTTP endpoint (OpenAI, vLLM, llama.cpp servers).
 
-It runs inside the LM actor like any backend (``_target_: pipelines.lm.openai_compat.OpenAICompatLM``).
+It runs inside the LM actor like any backend (``_target_: backends.openai_compat.OpenAICompatLM``)
+and declares one capability, ``generate``.
 Only the Python standard library is used.
 
 How each operation maps onto the API, chosen to work with llama-cpp-python's
@@ -19,7 +20,9 @@ How each operation maps onto the API, chosen to work with llama-cpp-python's
   With a tokenizer endpoint (``tokenizer_path``) a continuation longer than one token is
   an error unless ``multi_token="first"`` accepts scoring it by its first token; without
   one the continuation is looked up verbatim, so it must be a single token (unchecked).
-- ``prompt_grad``, ``token_embeddings`` and spliced token/soft prompts need a local model.
+- Prompt gradients, prefix states, token embeddings and spliced token or soft prompts need
+  a local model: this backend does not declare them, so a method that needs one is refused
+  before the sweep starts.
 
 The API key is read from the environment variable *named* by ``api_key_env`` at each
 request; it is never stored on the object, logged, or put in an error message.
@@ -38,6 +41,8 @@ import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
+
+from methods.lm import GENERATE, Request
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -103,6 +108,8 @@ class OpenAICompatLM:
         price_in_per_1k, price_out_per_1k: US dollars per 1,000 prompt / completion tokens
             (read by the budget; the client itself ignores them).
     """
+
+    capabilities = frozenset({GENERATE})
 
     def __init__(
         self,
@@ -210,16 +217,17 @@ class OpenAICompatLM:
         texts = dict(zip(jobs, self._map(one, jobs)))
         return [[texts[(i, j % draws)] for j in range(n)] for i in range(len(contexts))]
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]], prompt=None) -> np.ndarray:
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         """Log-probability of each continuation's first token after its context: float64 ``[n]``."""
-        if prompt is not None and not (isinstance(prompt, (list, tuple)) and all(p is None for p in prompt)):
-            raise NotImplementedError("token and soft prompts are spliced into a local model's embeddings; an HTTP endpoint takes text only")
         requests = list(requests)
-        contexts = list(dict.fromkeys(c for c, _ in requests))
+        if any(r.prompt is not None for r in requests):
+            raise TypeError("token, soft and prefix prompts go into a local model's embeddings or states; "
+                            "an HTTP endpoint takes text only")
+        contexts = list(dict.fromkeys(r.context for r in requests))
         tops = dict(zip(contexts, self._map(self._top, contexts)))
-        firsts = {k: self._first_token(k) for k in dict.fromkeys(k for _, k in requests)}
+        firsts = {k: self._first_token(k) for k in dict.fromkeys(r.continuation for r in requests)}
         out = np.empty(len(requests), dtype=np.float64)
-        for r, (context, continuation) in enumerate(requests):
+        for r, (context, continuation, _) in enumerate(requests):
             top = tops[context]
             out[r] = top.get(firsts[continuation], absent_bound(top))
         return out
@@ -242,15 +250,6 @@ class OpenAICompatLM:
                 "(set multi_token=first to accept that, or use a local model)"
             )
         return self.decode(ids[:1]) if ids else text
-
-    def prompt_grad(self, requests, prompt):
-        raise NotImplementedError("prompt gradients need a local model (model@lm.scorer=hf or smollm2), not an HTTP endpoint")
-
-    def prefix_states(self, text: str) -> np.ndarray:
-        raise NotImplementedError("prefix states need a local model (model@lm.scorer=hf or smollm2), not an HTTP endpoint")
-
-    def token_embeddings(self) -> np.ndarray:
-        raise NotImplementedError("token embeddings need a local model (model@lm.scorer=hf or smollm2), not an HTTP endpoint")
 
     def tokenize(self, text: str) -> list[int]:
         """Server token ids of ``text`` (no start token); UTF-8 bytes without a tokenizer endpoint."""

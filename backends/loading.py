@@ -192,7 +192,7 @@ def init_deepspeed(model: torch.nn.Module, dtype: torch.dtype, kernel_inject: bo
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.lm.loading [smollm2] [--cache-dir DIR]``: convert and cache the default model."""
+    """``python -m backends.loading [smollm2] [--cache-dir DIR]``: convert and cache the default model."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Convert the packaged GGUF model to a safetensors cache once.")

@@ -17,9 +17,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from methods.lm import PROMPT_SLOT, PrefixPrompt, SoftPrompt, TextPrompt, TokenPrompt
+from methods.lm import PROMPT_SLOT, PrefixPrompt, Request, SoftPrompt, TextPrompt, TokenPrompt
 
-AnyPrompt = TokenPrompt | SoftPrompt | TextPrompt | PrefixPrompt
 T = TypeVar("T")
 
 
@@ -47,16 +46,6 @@ class Group:
 
     prefix_len: int
     rows: tuple[Row, ...]
-
-
-def normalize_prompts(prompt, n: int) -> list[AnyPrompt | None]:
-    """One prompt (or ``None``) per request, checking a per-request list's length."""
-    if prompt is None or isinstance(prompt, (TokenPrompt, SoftPrompt, TextPrompt, PrefixPrompt)):
-        return [prompt] * n
-    prompts = list(prompt)
-    if len(prompts) != n:
-        raise ValueError(f"got {len(prompts)} prompts for {n} requests; pass one prompt or one per request")
-    return prompts
 
 
 class Encoder:
@@ -129,13 +118,13 @@ class SoftTable:
 
 
 def encode_requests(
-    encoder: Encoder, requests: Sequence[tuple[str, str]], prompts: Sequence[AnyPrompt | None]
+    encoder: Encoder, requests: Sequence[Request]
 ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], SoftTable]:
     """Context keys and continuation ids of every request, plus the soft table they refer to."""
     table = SoftTable()
-    conts = encoder.ids([c for _, c in requests])
+    conts = encoder.ids([r.continuation for r in requests])
     contexts = []
-    for (text, _), prompt in zip(requests, prompts):
+    for text, _, prompt in requests:
         if isinstance(prompt, TextPrompt):
             text, spliced = _splice_text(text, prompt.text), None
         elif isinstance(prompt, SoftPrompt):

@@ -1,13 +1,11 @@
-"""Faults on request, for fault-tolerance tests and drills: slow steps, a babbling proposer,
-an LM backend process that dies once.
+"""Faults on request, for the fault-tolerance tests and drills: slow steps, a babbling proposer,
+an LM backend process that dies once. Test support code: no normal run imports it.
 
 Each is an ordinary component named by ``_target_`` in a config, so a fault runs through
 exactly the code path a real sweep uses (Hydra, Ray actors, Tune trials), e.g.::
 
     python -m pipelines.run model@lm.scorer=tiny model@lm.proposer=tiny \
-        lm.scorer._target_=pipelines.faults.dying_backend +lm.scorer.marker=/tmp/died ...
-
-Nothing here is used by a normal run.
+        lm.scorer._target_=tests.drills.dying_backend +lm.scorer.marker=/tmp/died ...
 """
 
 from __future__ import annotations
@@ -20,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TINY = "pipelines.lm.tiny.tiny_backend"
+from methods.lm import CAPABILITIES
+
+TINY = "backends.tiny.tiny_backend"
 
 
 def _build(target: str, kwargs: dict) -> Any:
@@ -45,6 +45,9 @@ class SlowSteps:
     method: Any
     step_sleep_s: float = 1.0
 
+    def needs(self):
+        return self.method.needs()
+
     def init(self, task, scorer, proposer, rng):
         return self.method.init(task, scorer, proposer, rng)
 
@@ -61,6 +64,8 @@ class SlowSteps:
 
 class _Delegate:
     """Forwards every attribute it does not define to the wrapped backend."""
+
+    capabilities = CAPABILITIES  # the drills wrap the tiny model, which has them all
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -102,11 +107,11 @@ class DyingBackend(_Delegate):
         with open(f"{marker}.pids", "a") as f:
             f.write(f"{os.getpid()}\n")
 
-    def loglikelihood(self, requests, prompt=None):
+    def loglikelihood(self, requests):
         self._calls += 1
         if self._calls == self._die_on_call and _claim(self._marker):
             os.kill(os.getpid(), signal.SIGKILL)
-        return self._inner.loglikelihood(requests, prompt)
+        return self._inner.loglikelihood(requests)
 
 
 def _claim(marker: Path) -> bool:

@@ -1,7 +1,7 @@
-"""A frozen local Hugging Face causal LM behind the :class:`methods.lm.LM` protocol.
+"""A frozen local Hugging Face causal LM behind the :class:`methods.lm.LM` contract, with every capability.
 
 Scoring is where prompt optimization spends its time, so ``loglikelihood`` does as little
-work as the answer allows (see :mod:`pipelines.lm.splice` for the plan):
+work as the answer allows (see :mod:`backends.splice` for the plan):
 
 * requests sharing a context share one row; single-token labels are read off one position;
 * rows sharing a long token prefix (the instruction) run that prefix once, and their
@@ -11,26 +11,18 @@ work as the answer allows (see :mod:`pipelines.lm.splice` for the plan):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from methods.lm import PrefixPrompt, SoftPrompt, SplicedPrompt, TokenPrompt
-from pipelines.lm import loading, sampling
-from pipelines.lm.prefix import KVShape, from_layers, split_by_prefix, to_layers
-from pipelines.lm.splice import (
-    Encoder,
-    Group,
-    Row,
-    batches,
-    build_rows,
-    encode_requests,
-    normalize_prompts,
-    plan_groups,
-    suffix_length,
-)
+from backends import loading, sampling
+from backends.prefix import KVShape, from_layers, split_by_prefix, to_layers
+from backends.splice import Encoder, Group, Row, batches, build_rows, encode_requests, plan_groups, suffix_length
+from methods.lm import CAPABILITIES, PrefixPrompt, Request, SoftPrompt, SplicedPrompt, TokenPrompt
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -53,6 +45,8 @@ class HFBackend:
         threads: ``torch.set_num_threads`` when > 0.
         kernel_inject: DeepSpeed kernel injection (GPU only; off because it changes numerics).
     """
+
+    capabilities = CAPABILITIES
 
     def __init__(
         self,
@@ -110,28 +104,25 @@ class HFBackend:
         self.kv_shape = KVShape.of(self.config)
         self._full_logits = not self._head_matches()
         self._eos = sampling.eos_ids(model, tokenizer)
+        self._cache_arg = cache_argument(self.decoder)
 
     # ------------------------------------------------------------------ protocol
 
-    def loglikelihood(
-        self,
-        requests: Sequence[tuple[str, str]],
-        prompt: SplicedPrompt | Sequence[SplicedPrompt | None] | None = None,
-    ) -> np.ndarray:
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         """Sum of ``log p(continuation | context)`` per request: float64 ``[n]``, request order."""
         requests = list(requests)
         self._count(len(requests))
-        prompts = normalize_prompts(prompt, len(requests))
         out = np.zeros(len(requests), dtype=np.float64)
-        for prefix, idx in split_by_prefix(prompts):
-            part = [None if prefix else prompts[i] for i in idx]
-            out[idx] = self._loglik([requests[i] for i in idx], part, prefix)
+        for prefix, idx in split_by_prefix([r.prompt for r in requests]):
+            # Under a prefix the states come before the context; nothing is spliced into it.
+            part = [requests[i]._replace(prompt=None) if prefix else requests[i] for i in idx]
+            out[idx] = self._loglik(part, prefix)
         return out
 
-    def _loglik(self, requests: list, prompts: list, prefix: PrefixPrompt | None) -> np.ndarray:
+    def _loglik(self, requests: list[Request], prefix: PrefixPrompt | None) -> np.ndarray:
         """Scores of requests that share one prefix prompt (or none)."""
         out = np.zeros(len(requests), dtype=np.float64)
-        contexts, conts, table = encode_requests(self.encoder, requests, prompts)
+        contexts, conts, table = encode_requests(self.encoder, requests)
         self._check_length(contexts, conts, prefix)
         soft = self._soft(table.array())
         rows = build_rows(contexts, conts)
@@ -161,7 +152,7 @@ class HFBackend:
         array = prompt.key_values if is_prefix else prompt.embeddings
         if not requests:
             return 0.0, np.zeros(np.shape(array), dtype=np.float32)
-        contexts, conts, table = encode_requests(self.encoder, requests, [None if is_prefix else prompt] * len(requests))
+        contexts, conts, table = encode_requests(self.encoder, Request.batch(requests, None if is_prefix else prompt))
         self._check_length(contexts, conts, prompt if is_prefix else None)
         leaf = (self._prefix_tensor(prompt) if is_prefix else self._soft(table.array())).requires_grad_(True)
         total = 0.0
@@ -185,7 +176,7 @@ class HFBackend:
         ids = torch.tensor([self.encoder.context(text, None)], device=self.device)
         with torch.inference_mode():
             cache = DynamicCache(config=self.config)
-            self.decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            self.decoder(input_ids=ids, **{self._cache_arg: cache}, use_cache=True)
             flat = from_layers([(layer[0], layer[1]) for layer in cache])
         if flat.shape[1] != self.kv_shape.width:
             raise ValueError(f"this model's cache is {flat.shape[1]} wide per token, not {self.kv_shape.width}")
@@ -237,6 +228,16 @@ class HFBackend:
         """Render chat ``messages`` with the tokenizer's template, ready for the assistant's turn."""
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
+    def export_prompt(self, prompt: SoftPrompt | PrefixPrompt, out_dir: str) -> Path:
+        """Save a trained soft prompt or prefix as a PEFT adapter of this model (no second copy of it)."""
+        from backends.peft_export import save_prefix, save_soft_prompt
+
+        if isinstance(prompt, PrefixPrompt):
+            return save_prefix(self.model, prompt.key_values, out_dir)
+        if isinstance(prompt, SoftPrompt):
+            return save_soft_prompt(self.model, prompt.embeddings, out_dir)
+        raise TypeError(f"only soft prompts and prefixes export as adapters, not {type(prompt).__name__}")
+
     def usage(self) -> dict[str, int]:
         """Counters since construction: calls, requests, tokens run (real and padded), head positions."""
         return dict(self._usage)
@@ -270,7 +271,7 @@ class HFBackend:
     def _prefix_tensor(self, prefix: PrefixPrompt) -> torch.Tensor:
         """A prefix prompt's flat states as a tensor in the model's dtype, ``[n_virtual, width]``.
 
-        Its shape is checked where it is split into layers (:func:`pipelines.lm.prefix.to_layers`).
+        Its shape is checked where it is split into layers (:func:`backends.prefix.to_layers`).
         """
         return torch.tensor(np.asarray(prefix.key_values), dtype=self.embed.weight.dtype, device=self.device)
 
@@ -297,7 +298,7 @@ class HFBackend:
         """Per-layer ``(key, value)`` states ``[1, heads, P, head_dim]`` of one shared prefix (after ``virtual``)."""
         cache = DynamicCache(config=self.config) if virtual is None else DynamicCache(virtual, config=self.config)
         ids = torch.tensor([keys], device=self.device)
-        self.decoder(**self._inputs(ids, soft), past_key_values=cache, use_cache=True)
+        self.decoder(**self._inputs(ids, soft), **{self._cache_arg: cache}, use_cache=True)
         self._usage["forward_tokens"] += len(keys)
         self._usage["padded_tokens"] += len(keys)
         return [(layer[0], layer[1]) for layer in cache]
@@ -315,7 +316,7 @@ class HFBackend:
         kwargs = self._inputs(keys.to(self.device), soft)
         if prefix is not None:
             kv = [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in prefix]
-            kwargs.update(past_key_values=DynamicCache(kv, config=self.config), use_cache=True)
+            kwargs.update({self._cache_arg: DynamicCache(kv, config=self.config)}, use_cache=True)
         else:
             kwargs["use_cache"] = False
         self._usage["forward_tokens"] += sum(len(r.keys) - start for r in batch)
@@ -367,7 +368,7 @@ class HFBackend:
         for _ in range(max_new_tokens):
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1,
             )
             self._usage["forward_tokens"] += int(mask[:, -ids.shape[1] :].sum())
             self._usage["padded_tokens"] += ids.numel()
@@ -402,3 +403,11 @@ class HFBackend:
             mine = self.head(self.decoder(input_ids=ids, use_cache=False).last_hidden_state)
         return bool(torch.allclose(full.float(), mine.float(), rtol=1e-3, atol=1e-3))
 
+
+def cache_argument(module: torch.nn.Module) -> str:
+    """The name under which ``module``'s forward takes a KV cache.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` and warns on every call that uses the
+    old name; the range of versions this project admits has one or the other.
+    """
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

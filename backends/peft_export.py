@@ -2,7 +2,7 @@
 
 A prefix is exported as a ``PrefixTuningConfig`` adapter in inference layout (the flat
 ``[n_virtual, n_layers * 2 * kv_dim]`` states, PEFT's layout exactly; see
-:mod:`pipelines.lm.prefix`); PEFT prepends it to every sequence, where it was trained.
+:mod:`backends.prefix`); PEFT prepends it to every sequence, where it was trained.
 
 The adapter is an ordinary ``PromptTuningConfig`` checkpoint, so anyone can use it with
 ``PeftModel.from_pretrained(base_model, out_dir)``; a P-tuning run exports the prompt its

@@ -7,9 +7,9 @@ Nothing here touches the network or the disk: a byte-level BPE tokenizer is trai
 few sentences (milliseconds), and a 2-layer Llama with random weights sits on top of it.
 
 Example:
-    >>> from pipelines.lm.tiny import tiny_backend
+    >>> from backends.tiny import tiny_backend
     >>> lm = tiny_backend()                      # an HFBackend around a random model
-    >>> lm.loglikelihood([("Review: fine\\nSentiment:", " positive")])
+    >>> lm.loglikelihood([Request("Review: fine\\nSentiment:", " positive")])
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import types
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from backends.hf import HFBackend
 
 BOS, EOS = "<s>", "</s>"
 
@@ -114,16 +116,16 @@ def _exact_norms(model: torch.nn.Module) -> None:
             module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
 
 
-def tiny_backend(add_bos: bool = False, dtype: torch.dtype | str = torch.float32, **kwargs):
-    """An :class:`pipelines.lm.backend.HFBackend` around a fresh tiny model and tokenizer.
+def tiny_backend(add_bos: bool = False, dtype: torch.dtype | str = torch.float32, **kwargs) -> HFBackend:
+    """An :class:`backends.hf.HFBackend` around a fresh tiny model and tokenizer.
+
+    Its capabilities are the return type's, which is how the sweep reads them from this factory.
 
     Args:
         add_bos: tokenizer prepends BOS (exercises the BOS path of the backend).
         dtype: model parameter dtype (``torch.float64`` for finite-difference tests).
         **kwargs: passed to ``HFBackend.from_model`` (e.g. ``max_batch_tokens``, ``min_prefix``).
     """
-    from pipelines.lm.backend import HFBackend
-
     if isinstance(dtype, str):  # from a YAML
         dtype = getattr(torch, dtype)
     tokenizer = tiny_tokenizer(add_bos=add_bos)

@@ -1,4 +1,4 @@
-"""A frozen masked LM (BERT, RoBERTa) behind the scoring half of :class:`methods.lm.LM`.
+"""A frozen masked LM (BERT, RoBERTa) behind :class:`methods.lm.LM`, with prompt gradients and embeddings.
 
 AutoPrompt's original setting: the continuation is predicted at ``[MASK]`` positions
 appended to the context, ``[CLS] context [MASK]...[MASK] [SEP]``, one mask per
@@ -8,7 +8,8 @@ usual single-token labels, an independence approximation for longer ones).
 
 Token or soft prompts are spliced at :data:`methods.lm.PROMPT_SLOT` as input embeddings, so
 ``prompt_grad`` gives the gradient with respect to the trigger or soft vectors. There is no
-sampling: ``generate`` raises, so a masked LM can be the scorer but never the proposer.
+sampling and no prefix path: it declares neither capability, so a masked LM can be the
+scorer of AutoPrompt, prompt tuning and P-tuning but never a proposer or a prefix-tuning scorer.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from methods.lm import PROMPT_SLOT, PrefixPrompt, SoftPrompt, SplicedPrompt, TokenPrompt
+from methods.lm import (
+    PROMPT_GRAD, PROMPT_SLOT, TOKEN_EMBEDDINGS, PrefixPrompt, Request, SoftPrompt, SplicedPrompt, TokenPrompt,
+)
 
 # Prefix states are spliced into a causal model's key/value cache; this backend has no such path.
-PREFIX_NEEDS_CAUSAL = "prefix tuning is implemented for causal LMs only; with a masked LM use soft_prompt"
+PREFIX_NEEDS_CAUSAL = "prefix prompts need a causal LM (capability prefix_states); with a masked LM use soft_prompt"
 
 # A request's input: (keys, number of masks). Keys >= 0 are vocabulary ids; key -j-1 is
 # row j of the call's soft table (soft prompt vectors or trigger embeddings).
@@ -37,6 +40,8 @@ class MaskedLMBackend:
         device: ``"cpu"``, ``"cuda:0"``, ...
         max_batch: sequences per forward pass.
     """
+
+    capabilities = frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS})
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", max_batch: int = 32) -> None:
         from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -67,16 +72,13 @@ class MaskedLMBackend:
 
     # ------------------------------------------------------------------ protocol
 
-    def loglikelihood(
-        self,
-        requests: Sequence[tuple[str, str]],
-        prompt: SplicedPrompt | Sequence[SplicedPrompt | None] | None = None,
-    ) -> np.ndarray:
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         """Sum of the continuation tokens' log-probabilities at their masks: float64 ``[n]``."""
         requests = list(requests)
-        prompts = _per_request(prompt, len(requests))
-        rows, table = self._encode(requests, prompts)
-        targets = [tuple(self.tokenize(c)) for _, c in requests]
+        if any(isinstance(r.prompt, PrefixPrompt) for r in requests):
+            raise TypeError(PREFIX_NEEDS_CAUSAL)
+        rows, table = self._encode(requests)
+        targets = [tuple(self.tokenize(r.continuation)) for r in requests]
         out = np.zeros(len(requests), dtype=np.float64)
         with torch.inference_mode():
             soft = self._table(table)
@@ -91,9 +93,9 @@ class MaskedLMBackend:
             raise TypeError(f"prompt_grad needs a TokenPrompt or SoftPrompt, got {type(prompt).__name__}")
         if isinstance(prompt, TokenPrompt):  # triggers become soft vectors equal to their embeddings
             prompt = SoftPrompt(self.token_embeddings()[list(prompt.ids)])
-        requests = list(requests)
-        rows, table = self._encode(requests, [prompt] * len(requests))
-        targets = [tuple(self.tokenize(c)) for _, c in requests]
+        requests = Request.batch(requests, prompt)
+        rows, table = self._encode(requests)
+        targets = [tuple(self.tokenize(r.continuation)) for r in requests]
         leaf = self._table(table).requires_grad_(True)
         total = 0.0
         with torch.enable_grad():
@@ -104,15 +106,9 @@ class MaskedLMBackend:
                 total += float(loss.detach())
         return total, leaf.grad.float().cpu().numpy()
 
-    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
-        raise NotImplementedError("a masked LM scores but does not generate; use a causal LM as proposer")
-
     def token_embeddings(self) -> np.ndarray:
         """Input embedding matrix ``[vocab, d_model]``, float32."""
         return self.embed.weight.detach().float().cpu().numpy()
-
-    def prefix_states(self, text: str) -> np.ndarray:
-        raise NotImplementedError(PREFIX_NEEDS_CAUSAL)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -122,12 +118,12 @@ class MaskedLMBackend:
 
     # ------------------------------------------------------------------ internals
 
-    def _encode(self, requests, prompts) -> tuple[list[Encoded], list[np.ndarray]]:
+    def _encode(self, requests: Sequence[Request]) -> tuple[list[Encoded], list[np.ndarray]]:
         """Keys and mask count per request, and the soft table the negative keys index."""
         table: list[np.ndarray] = []
         offsets: dict[int, tuple[int, ...]] = {}
         rows = []
-        for (context, continuation), p in zip(requests, prompts):
+        for context, continuation, p in requests:
             spliced = None
             if isinstance(p, TokenPrompt):
                 spliced = tuple(int(i) for i in p.ids)
@@ -186,13 +182,3 @@ class MaskedLMBackend:
         where = keys < 0
         return embeds.masked_scatter(where[..., None], soft[(-keys[where] - 1)].to(embeds.dtype))
 
-
-def _per_request(prompt, n: int) -> list:
-    if isinstance(prompt, PrefixPrompt) or (isinstance(prompt, (list, tuple)) and any(isinstance(p, PrefixPrompt) for p in prompt)):
-        raise NotImplementedError(PREFIX_NEEDS_CAUSAL)
-    if prompt is None or isinstance(prompt, (TokenPrompt, SoftPrompt)):
-        return [prompt] * n
-    prompts = list(prompt)
-    if len(prompts) != n:
-        raise ValueError(f"got {len(prompts)} prompts for {n} requests; pass one prompt or one per request")
-    return prompts

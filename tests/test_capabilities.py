@@ -1,0 +1,84 @@
+"""Backends declare what they can do, methods what they need; the plan refuses a mismatch up front."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.hf import HFBackend
+from backends.masked import MaskedLMBackend
+from backends.openai_compat import OpenAICompatLM
+from methods.lm import CAPABILITIES, GENERATE, PREFIX_STATES, PROMPT_GRAD, TOKEN_EMBEDDINGS, Needs
+from pipelines.lm.stack import backend_capabilities
+from pipelines.plan import UserError, _load_group_yaml, check_needs
+from tests.conftest import ROOT, run_cli
+
+BACKENDS = [HFBackend, MaskedLMBackend, OpenAICompatLM]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.__name__)
+def test_a_backend_implements_exactly_the_capabilities_it_declares(backend):
+    assert backend.capabilities <= CAPABILITIES
+    for name in CAPABILITIES:  # each capability is named after the call it allows
+        assert hasattr(backend, name) == (name in backend.capabilities), name
+    for name in ("loglikelihood", "tokenize", "decode"):  # the required contract
+        assert callable(getattr(backend, name))
+
+
+def test_capabilities_are_read_from_a_class_or_a_factorys_return_type():
+    assert backend_capabilities("backends.hf.HFBackend") == CAPABILITIES
+    assert backend_capabilities("backends.tiny.tiny_backend") == CAPABILITIES
+    assert backend_capabilities("backends.openai_compat.OpenAICompatLM") == {GENERATE}
+    with pytest.raises(ValueError, match="declares no capabilities"):
+        backend_capabilities("backends.loading.load_pretrained")
+    with pytest.raises(ValueError, match="cannot import"):
+        backend_capabilities("backends.nope.Backend")
+
+
+def _needs(name: str, **overrides) -> Needs:
+    import hydra.utils
+
+    cfg = _load_group_yaml("method", name, [ROOT / "conf"])  # honours evoprompt_de's defaults list
+    return hydra.utils.instantiate({**cfg, **overrides}).needs()
+
+
+TEXT = ["ape", "opro", "protegi", "evoprompt", "evoprompt_de", "promptbreeder", "calibration", "grips"]
+
+
+def test_every_method_config_declares_its_needs():
+    names = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+    assert set(TEXT) | {"manual", "autoprompt", "soft_prompt", "p_tuning", "prefix_tuning"} == set(names)
+    for name in TEXT:
+        assert _needs(name) == Needs(proposer=frozenset({GENERATE})), name
+    assert _needs("grips", paraphrase=False) == Needs()  # only paraphrases call the proposer
+    assert _needs("manual") == Needs()
+    grads = frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS})
+    assert _needs("autoprompt") == _needs("soft_prompt") == _needs("p_tuning") == Needs(scorer=grads)
+    assert _needs("prefix_tuning") == Needs(scorer=grads | {PREFIX_STATES})
+
+
+def test_a_need_the_backend_lacks_is_one_line_naming_it():
+    caps = {"scorer": frozenset({GENERATE}), "proposer": CAPABILITIES}
+    method = type("M", (), {"needs": lambda self: Needs(scorer=frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS}))})()
+    with pytest.raises(UserError) as err:
+        check_needs("autoprompt", method, caps, {"model@lm.scorer": "openai"})
+    assert str(err.value) == ("autoprompt needs the scorer to provide prompt_grad, token_embeddings, but "
+                              "model@lm.scorer=openai provides generate; choose a local model for the scorer (smollm2, hf)")
+    check_needs("autoprompt", method, {"scorer": CAPABILITIES, "proposer": frozenset()}, {})  # enough: no error
+    with pytest.raises(UserError, match="the proposer to provide generate"):
+        check_needs("ape", type("M", (), {"needs": lambda self: Needs(proposer=frozenset({GENERATE}))})(),
+                    {"scorer": CAPABILITIES, "proposer": frozenset()}, {})
+
+
+def test_the_cli_refuses_autoprompt_on_an_endpoint_in_seconds(tmp_path):
+    start = time.perf_counter()
+    out = run_cli("method=autoprompt", "model@lm.scorer=openai", "logger=none", f"hydra.run.dir={tmp_path}/run")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: autoprompt needs the scorer to provide prompt_grad, token_embeddings, but model@lm.scorer=openai "
+        "provides generate; choose a local model for the scorer (smollm2, hf)"
+    ]
+    assert "Ray" not in out.stdout and not Path(tmp_path / "run").exists()
+    assert time.perf_counter() - start < 60
