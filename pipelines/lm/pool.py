@@ -65,6 +65,8 @@ def start_pool(spec: PoolSpec, namespace: str, timeout_s: float = 900.0) -> list
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
             max_restarts=spec.max_restarts, max_task_retries=spec.max_restarts,
             max_concurrency=1000,
+            # A model load's progress bars, from a background actor, are noise in the sweep's console.
+            runtime_env={"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}},
         ).remote(spec.backend, role=spec.role)
         for i in range(spec.replicas)
     ]
