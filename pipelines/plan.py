@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import os
 import re
 import socket
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.lm import budget, cache
 from pipelines.lm.stack import backend_capabilities
-from tasks.core import Task
+from tasks.core import Task, data_warnings
 
 ROLES = ("scorer", "proposer")
 SCHEDULERS = ("fifo", "asha", "pbt")
@@ -49,6 +50,7 @@ class Plan:
         tasks: every distinct task, built once, by :func:`task_key`.
         capabilities: what each role's backend declares.
         lines: what to print before the sweep starts.
+        warnings: data problems that do not stop the sweep (printed, and kept in ``summary.json``).
     """
 
     cfg: dict
@@ -57,6 +59,7 @@ class Plan:
     tasks: dict[str, Task] = field(default_factory=dict)
     capabilities: dict[str, frozenset[str]] = field(default_factory=dict)
     lines: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: Path) -> Plan:
@@ -64,6 +67,8 @@ def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: 
     plain = OmegaConf.to_container(cfg, resolve=True)
     check_address(plain["ray"])  # a cluster that is not there fails first, in seconds
     check_numbers(cfg)
+    task_args = dict(plain["task"])
+    check_arguments(task_args.pop("_target_"), task_args, where="task")
     specs = trial_specs(cfg, search_dirs, choices)
     space = sample_space(plain["search"]["params"])
     for role in ROLES:
@@ -84,7 +89,8 @@ def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: 
         )
     except ValueError as err:
         raise UserError(str(err)) from err
-    return Plan(plain, specs, space, tasks, caps, lines)
+    warnings = tuple(w for task in tasks.values() for w in data_warnings(task))
+    return Plan(plain, specs, space, tasks, caps, lines + tuple(f"warning: {w}" for w in warnings), warnings)
 
 
 def capabilities(plain: dict) -> dict[str, frozenset[str]]:
@@ -241,11 +247,12 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> None:
             raise UserError(f"unknown {group} {choice!r}; known: {', '.join(known)}")
 
 
-def check_arguments(target: str, kwargs: dict) -> None:
+def check_arguments(target: str, kwargs: dict, where: str = "") -> None:
     """Unknown constructor arguments and plainly wrong scalar types fail before any work starts.
 
     Hydra would only fail inside a trial, after Ray and the model are up; a frozen dataclass
-    would even accept ``n_prompts="abc"`` and fail much later.
+    would even accept ``n_prompts="abc"`` and fail much later. ``where`` names the config
+    group (``task``) so the message names the key to fix (``task.n_dev=2.5``).
     """
     import importlib
     import inspect
@@ -257,36 +264,49 @@ def check_arguments(target: str, kwargs: dict) -> None:
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            raise UserError(f"{name}: unknown argument(s) {unknown}; expected some of {sorted(params)}")
+            raise UserError(f"{where + ': ' if where else ''}{name}: unknown argument(s) {unknown}; "
+                            f"expected some of {sorted(params)}")
     hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
     for key, value in kwargs.items():
         expected = hints.get(key)
         if expected in (int, float, bool, str) and not _fits(value, expected):
-            raise UserError(f"{name}: argument {key}={value!r} should be {expected.__name__}")
+            finite = " (finite)" if expected in (int, float) else ""
+            if where:
+                raise UserError(f"{where}.{key}={value!r}: {name} expects {expected.__name__}{finite}")
+            raise UserError(f"{name}: argument {key}={value!r} should be {expected.__name__}{finite}")
 
 
 def _fits(value: Any, expected: type) -> bool:
     if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, expected)
 
 
-# Smallest allowed value of each count or resource (max_failures=-1: retry without limit, as in Tune).
-NUMBERS = {"search.max_steps": 0, "search.num_samples": 0, "search.max_failures": -1,
-           "resources.replicas": 0, "resources.lm_cpus": 0, "resources.lm_gpus": 0,
-           "resources.trial_cpus": 0, "resources.max_concurrent_trials": 0}
+# Smallest allowed value of each count (an integer) or resource (any finite number);
+# max_failures=-1 retries without limit, as in Tune.
+COUNTS = {"search.max_steps": 0, "search.num_samples": 0, "search.max_failures": -1,
+          "resources.replicas": 1, "resources.max_concurrent_trials": 1}
+RESOURCES = {"resources.lm_cpus": 0, "resources.lm_gpus": 0, "resources.trial_cpus": 0}
 
 
 def check_numbers(cfg: DictConfig) -> None:
-    """Counts and resources must be numbers in range (``search.max_steps=abc`` fails here, in one line)."""
-    for key, least in NUMBERS.items():
+    """Counts must be integers and resources finite numbers, in range; seeds distinct integers.
+
+    ``search.max_steps=abc``, ``=nan``, ``=2.5`` and ``resources.replicas=inf`` fail here, in one line.
+    """
+    for key, least in {**COUNTS, **RESOURCES}.items():
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
-            raise UserError(f"{key}={value!r}: expected a number >= {least}")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.search.seeds):
-        raise UserError(f"search.seeds={list(cfg.search.seeds)}: expected a list of integers")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < least or (key in COUNTS and value != int(value)):
+            kind = "an integer" if key in COUNTS else "a finite number"
+            raise UserError(f"{key}={value!r}: expected {kind} >= {least}")
+    seeds = list(cfg.search.seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"search.seeds={seeds}: expected a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"search.seeds={seeds}: a seed is repeated; its trials would be identical twins")
 
 
 def check_model_dir(role: str, model: dict) -> None:

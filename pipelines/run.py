@@ -50,7 +50,7 @@ def main_impl(cfg: DictConfig) -> int:
     print(*plan.lines, sep="\n", flush=True)
     start = time.perf_counter()
     rows = sweep.run(plan, run_dir)
-    sweep.finish(plan.cfg, rows, run_dir, time.perf_counter() - start)
+    sweep.finish(plan.cfg, rows, run_dir, time.perf_counter() - start, plan.warnings)
     return 0 if rows and all(r.get("status") == "ok" for r in rows) else 1
 
 
@@ -66,7 +66,9 @@ def resume(cfg: DictConfig) -> int:
     run_dir = Path(cfg.resume).expanduser().resolve()
     ray_cfg = OmegaConf.to_container(cfg.ray, resolve=True)
     check_address(ray_cfg)
-    plain = {**sweep.saved_config(run_dir), "ray": ray_cfg, "resume": str(run_dir)}
+    saved = sweep.saved_config(run_dir)
+    check_resume_overrides(list(HydraConfig.get().overrides.task), OmegaConf.to_container(cfg, resolve=True), saved)
+    plain = {**saved, "ray": ray_cfg, "resume": str(run_dir)}
     done = len(list((run_dir / "trials").glob("*.json")))
     print(f"[promptsweep] resuming {run_dir} ({done} trial(s) already finished)", flush=True)
     start = time.perf_counter()
@@ -74,6 +76,40 @@ def resume(cfg: DictConfig) -> int:
     rows = sweep.run(Plan(plain, [], {}, capabilities=capabilities(plain)), run_dir)
     sweep.finish(plain, rows, run_dir, time.perf_counter() - start)
     return 0 if rows and all(r.get("status") == "ok" for r in rows) else 1
+
+
+# What a resume may change: where it runs, not what it runs.
+RESUME_MAY_SET = ("resume=", "ray.", "hydra.")
+
+
+def check_resume_overrides(overrides: list[str], current: dict, saved: dict) -> None:
+    """A resume continues the sweep as it was started: an override that changes it is an error.
+
+    Overrides that repeat the saved run's settings (the same command line with ``resume=`` added)
+    are accepted; ``ray.*`` may differ (the cluster may).
+    """
+    for override in overrides:
+        bare = override.lstrip("+~")
+        if bare.startswith(RESUME_MAY_SET):
+            continue
+        key = bare.split("=", 1)[0]
+        path = key.split("@", 1)[1] if "@" in key else key
+        if path == "experiment":  # a whole study: every setting it touches counts
+            mine, theirs = ({k: v for k, v in c.items() if k not in ("ray", "resume")} for c in (current, saved))
+        else:
+            mine, theirs = _at(current, path), _at(saved, path)
+        if mine != theirs:
+            raise UserError(f"resume continues the sweep as it was started, but {override} changes {path} from "
+                            f"its saved config; drop it (only ray.* may differ), or start a new run")
+
+
+def _at(config: dict, path: str):
+    """The value at a dotted ``path`` of a plain config (``None`` where it is missing)."""
+    for part in path.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
 
 
 HYDRA_ONLY = {".hydra", "run.log", "config.json"}

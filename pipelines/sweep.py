@@ -322,14 +322,14 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
 
 
-def finish(cfg: dict, rows: list[dict], run_dir: Path, wall_s: float) -> None:
-    """Summary file, merged evaluation log, W&B tables, and the table on stdout."""
+def finish(cfg: dict, rows: list[dict], run_dir: Path, wall_s: float, warnings: tuple[str, ...] = ()) -> None:
+    """Summary file (with the plan's data warnings), merged evaluation log, W&B tables, and the table on stdout."""
     n_records = merge_evaluations(run_dir)
     failed = sum(r.get("status") == "failed" for r in rows)
     actors = run_dir / ACTOR_STATS
     lm = json.loads(actors.read_text()) if actors.is_file() else {}
     write_json(run_dir / "summary.json", {"trials": rows, "failed": failed, "wall_s": wall_s, "evaluations": n_records,
-                                          "lm_actors": lm})
+                                          "lm_actors": lm, "warnings": list(warnings)})
     from pipelines.report import write_report
 
     report = write_report(run_dir)

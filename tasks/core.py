@@ -94,6 +94,7 @@ class Task:
         if self.metric not in METRICS:
             raise TaskError(f"task {self.name!r}: unknown metric {self.metric!r}; known: {sorted(METRICS)}")
         object.__setattr__(self, "fields", tuple(n for n in names if n != "instruction"))
+        check_label_words(self.verbalizer, f"task {self.name!r}")
         for split_name in ("train", "dev", "test"):
             self._check_split(split_name, getattr(self, split_name))
 
@@ -127,3 +128,38 @@ class Task:
         if name not in ("train", "dev", "test"):
             raise TaskError(f"unknown split {name!r}; expected train, dev or test")
         return getattr(self, name)
+
+
+def check_label_words(words: Sequence[str], where: str) -> None:
+    """Label continuations must be non-empty and distinct: an empty one scores 0 for free, two equal
+    ones can never be told apart."""
+    for i, w in enumerate(words):
+        if not isinstance(w, str) or not w.strip():
+            raise TaskError(f"{where}: label word {i} is {w!r}; every label needs a non-empty continuation")
+    if len({w.strip() for w in words}) != len(words):
+        raise TaskError(f"{where}: label words {list(words)} repeat a word; each label needs its own")
+
+
+def data_warnings(task: Task) -> list[str]:
+    """What is wrong with a task's data but does not stop a sweep: printed once at start, kept in the summary.
+
+    - inputs that occur in test and in train or dev (the report would reward memorized examples);
+    - a label missing from dev or train (selection, or demos, never see that class).
+    """
+    def key(ex: Example) -> tuple:
+        return tuple(sorted(ex.inputs.items()))
+
+    out = []
+    test = {key(ex) for ex in task.test}
+    for name in ("train", "dev"):
+        shared = sum(key(ex) in test for ex in getattr(task, name))
+        if shared:
+            out.append(f"task {task.name!r}: {shared} {name} example(s) have the same inputs as test examples")
+    labels = range(len(task.verbalizer))
+    if all(ex.choices is None for ex in task.train + task.dev + task.test):
+        for name in ("train", "dev"):
+            missing = sorted(set(labels) - {ex.label for ex in getattr(task, name)})
+            if missing and getattr(task, name):
+                words = [task.verbalizer[i].strip() for i in missing]
+                out.append(f"task {task.name!r}: no {name} example has label(s) {words}")
+    return out

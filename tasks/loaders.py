@@ -368,6 +368,11 @@ def table(
     template = _default_template(fields) if template is None else template
     check_template(template, fields)
     examples = [table_example(row, fields, label_field, ids, path, line_no) for line_no, row in rows]
+    present = {ex.label for ex in examples}
+    if len(present) < 2:
+        (only,) = present
+        raise TaskError(f"{path}: every row has label {label_words[only].strip()!r}; a classification task "
+                        f"needs rows of at least two of {[w.strip() for w in label_words]}")
     splits = seeded_split(examples, [n_train, n_dev, n_test or None], seed, path)
     require_splits(splits, path)
     if instruction is None:

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import json
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
-from tasks.core import Example, TaskError
+from tasks.core import Example, TaskError, check_label_words
 
 T = TypeVar("T")
 
@@ -45,6 +46,19 @@ def data_file(data_dir: str, *parts: str) -> Path:
     return path
 
 
+def readable(read: Callable[..., T]) -> Callable[..., T]:
+    """A benchmark reader whose undecodable file is one line naming it, not a ``UnicodeDecodeError``."""
+    @functools.wraps(read)
+    def wrapped(path: Path, *args, **kwargs) -> T:
+        try:
+            return read(path, *args, **kwargs)
+        except UnicodeDecodeError as err:
+            raise TaskError(f"{path}: cannot decode byte {err.start} as {err.encoding} ({err.reason}); "
+                            "the file is damaged or in another encoding") from None
+    return wrapped
+
+
+@readable
 def read_glue_tsv(path: Path) -> list[tuple[str, int]]:
     """``(sentence, label)`` rows of a GLUE TSV with a ``sentence\\tlabel`` header.
 
@@ -58,6 +72,7 @@ def read_glue_tsv(path: Path) -> list[tuple[str, int]]:
         return [(row["sentence"].strip(), _int_label(row["label"], path, reader.line_num)) for row in reader]
 
 
+@readable
 def read_label_lines(path: Path, encoding: str = "utf-8") -> list[tuple[str, int]]:
     """``(sentence, label)`` rows of a "<label> <sentence>" text file (SST-5, MR, CR).
 
@@ -82,6 +97,7 @@ def _int_label(value: str, path: Path, line_no: int) -> int:
         raise TaskError(f"{path}: line {line_no}: label {value!r} is not an integer") from None
 
 
+@readable
 def read_mmlu_csv(path: Path) -> list[tuple[str, tuple[str, str, str, str], int]]:
     """``(question, (A, B, C, D), answer index)`` rows of a headerless MMLU CSV.
 
@@ -98,6 +114,7 @@ def read_mmlu_csv(path: Path) -> list[tuple[str, tuple[str, str, str, str], int]
     return rows
 
 
+@readable
 def read_bbh(path: Path) -> list[tuple[str, str]]:
     """``(input, target)`` pairs of a BIG-Bench Hard task file."""
     with path.open(encoding="utf-8") as f:
@@ -105,6 +122,7 @@ def read_bbh(path: Path) -> list[tuple[str, str]]:
     return [(ex["input"], ex["target"]) for ex in data["examples"]]
 
 
+@readable
 def read_bbh_description(path: Path) -> str:
     """The one-line task description that opens a BBH chain-of-thought prompt file.
 
@@ -147,10 +165,13 @@ def read_table(path_str: str, format: str = "auto", encoding: str = "utf-8") -> 
     return rows
 
 
+def _without_bom(encoding: str) -> str:
+    """utf-8-sig for utf-8: it drops the byte-order mark spreadsheet exports put before the first column name."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
 def _read_delimited(path: Path, kind: str, encoding: str) -> list[tuple[int, dict]]:
-    # utf-8-sig drops a byte-order mark that spreadsheet exports put before the first column name.
-    enc = "utf-8-sig" if encoding.lower().replace("_", "-") == "utf-8" else encoding
-    with path.open(encoding=enc, newline="") as f:
+    with path.open(encoding=_without_bom(encoding), newline="") as f:
         # TSV text often holds bare quote characters (as GLUE's does): no quoting there.
         tsv = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == "tsv" else {}
         reader = csv.DictReader(f, **tsv)
@@ -162,7 +183,7 @@ def _read_delimited(path: Path, kind: str, encoding: str) -> list[tuple[int, dic
 
 def _read_jsonl(path: Path, encoding: str) -> list[tuple[int, dict]]:
     rows = []
-    with path.open(encoding=encoding) as f:
+    with path.open(encoding=_without_bom(encoding)) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -251,8 +272,9 @@ def label_ids(label_words: Sequence[str], labels: Sequence[object] | None) -> di
     With ``labels`` the i-th raw value is label i. Without, a value may be a label word
     (stripped) or an integer id ``0..k-1``; words win if both could match.
     """
-    if len(label_words) < 2 or len(set(label_words)) != len(label_words):
+    if len(label_words) < 2:
         raise TaskError(f"label_words must be 2 or more distinct strings, got {list(label_words)}")
+    check_label_words(label_words, "label_words")
     if labels is not None:
         raw = [str(v).strip() for v in labels]
         if len(raw) != len(label_words) or len(set(raw)) != len(raw):
@@ -295,6 +317,9 @@ def table_fields(text_fields: Sequence[str] | str, label_field: str) -> list[str
     fields = [text_fields] if isinstance(text_fields, str) else list(text_fields)
     if not fields:
         raise TaskError("text_fields is empty; name at least one column to put in the prompt")
+    if label_field in fields:
+        raise TaskError(f"text_fields includes the label column {label_field!r}: the gold label would be in "
+                        "the prompt; remove it from text_fields")
     for f in [*fields, label_field]:
         if not f or f == "instruction" or _BAD_FIELD_CHARS & set(f):
             raise TaskError(f"column name {f!r} cannot be a template field; rename the column")
