@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from methods.lm import Request, TokenPrompt
 from methods.opro import OPRO
 from pipelines.lm.budget import Budget, BudgetedLM, BudgetExhausted, Limits, Price, projection
 from pipelines.lm.cache import CachedLM, EvalStore
@@ -14,7 +15,6 @@ from tests.conftest import run_cli
 from tests.fakes import PlantedLM, planted_task
 from tests.test_cache import Metered, requests
 from tests.test_pipeline import TINY
-from methods.lm import Request
 
 TINY_MODEL = [a for a in TINY if not a.startswith("cache.")]  # the tiny model; each test picks its cache
 
@@ -63,6 +63,22 @@ def test_the_check_comes_before_the_work():
     with pytest.raises(BudgetExhausted, match="scorer budget exhausted: 2 of 2 calls used"):
         budgeted.loglikelihood(Request.batch([("a", " b")]))
     assert lm.usage.calls == 2 and lm.lm.calls == 2  # nothing was dispatched
+
+
+@pytest.mark.parametrize("call", ["loglikelihood", "generate", "prompt_grad"])
+def test_every_budgeted_call_is_refused_once_the_budget_is_spent(call):
+    lm = Metered(PlantedLM())
+    budgeted = BudgetedLM(lm, Limits(calls=1), "scorer", Price(prompt=1.0))
+    do = {
+        "loglikelihood": lambda: budgeted.loglikelihood([Request("a b", " c")]),
+        "generate": lambda: budgeted.generate(["a b"], max_new_tokens=2, seed=0),
+        "prompt_grad": lambda: budgeted.prompt_grad([("a b", " c")], TokenPrompt((1,))),
+    }[call]
+    do()  # the one call the budget allows, priced from its tokens
+    assert lm.usage.usd > 0
+    with pytest.raises(BudgetExhausted, match="1 of 1 calls used"):
+        do()
+    assert lm.usage.calls == 1 and lm.usage.budget_exhausted == 1  # the refused call reached nothing
 
 
 def test_cached_calls_count_so_a_capped_rerun_replays_with_no_model_calls(tmp_path):

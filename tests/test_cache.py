@@ -7,8 +7,8 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from methods.lm import Request, SoftPrompt, TokenPrompt
-from pipelines.lm.budget import Meter
+from methods.lm import PrefixPrompt, Request, SoftPrompt, TokenPrompt
+from pipelines.lm.client import Meter
 from pipelines.lm.cache import CachedLM, EvalStore, cache_path, default_path, model_key
 from tests.fakes import PlantedLM, planted_task
 
@@ -125,6 +125,11 @@ def test_spliced_prompts_are_part_of_the_key(store):
     lm.loglikelihood(Request.batch(reqs, SoftPrompt(soft.embeddings + 1e-3)))
     lm.loglikelihood(Request.batch(reqs))
     assert inner.usage.calls == 5
+    # prefix prompts: keyed by their exact bytes, and never confused with a soft prompt of the same bytes
+    lm.loglikelihood(Request.batch(reqs, PrefixPrompt(soft.embeddings.copy())))
+    lm.loglikelihood(Request.batch(reqs, PrefixPrompt(soft.embeddings.copy())))
+    lm.loglikelihood(Request.batch(reqs, PrefixPrompt(soft.embeddings * 2)))
+    assert inner.usage.calls == 7
     # per-request prompts: the misses keep their own prompts
     lm.loglikelihood(Request.batch(reqs * 2, [TokenPrompt((1, 2)), TokenPrompt((3, 3))]))
     assert inner.batches[-1] == Request.batch(reqs, [TokenPrompt((3, 3))])

@@ -76,6 +76,32 @@ def test_de_replaces_a_member_only_with_a_strictly_better_child():
     assert state.replaced > 0
 
 
+class MemberChildLM(PlantedLM):
+    """For DE meta-prompt ``i`` (one per member, in member order) writes a child tagged ``i``:
+    good for even members (every planted good word), useless for odd ones."""
+
+    TAGS = ("ant", "bee", "cat", "dog", "elk", "fox")
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        if "</prompt>" not in stop:  # the seed paraphrases
+            return super().generate(contexts, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
+        body = ("carefully decide the sentiment label of the review", "maybe purple")
+        return [[f"<prompt>{body[i % 2]} {self.TAGS[i]}</prompt>"] * n for i in range(len(contexts))]
+
+
+def test_de_puts_each_child_in_the_slot_of_the_member_it_was_bred_from():
+    task, lm = planted_task(), MemberChildLM()
+    method = EvoPrompt(variant="de", pop_size=6)
+    state, _ = run(method, task, lm, steps=1)
+    assert len(state.population) == 6 and max(quality(t) for t, _ in state.population) < 1.0
+    new, _ = method.step(state, task, lm, lm, np.random.default_rng(0))
+    for i, ((old, _), (text, _)) in enumerate(zip(state.population, new.population)):
+        if i % 2 == 0:  # a perfect child replaces its own member, and only its own
+            assert text.endswith(MemberChildLM.TAGS[i]), (i, text)
+        else:  # a useless child never replaces anyone
+            assert text == old, (i, text)
+
+
 def test_roulette_prefers_high_scores_and_never_pairs_a_member_with_itself():
     state = EvoState(population=(("a b", 0.5), ("c d", 0.3), ("e f", 0.2)))
     pairs = roulette_pairs(state, 2000, np.random.default_rng(0))

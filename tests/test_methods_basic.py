@@ -73,16 +73,21 @@ def test_successive_halving_drops_weak_candidates_early_and_keeps_the_best():
     from methods.racing import predict_many, successive_halving
 
     task, lm = planted_task(n_dev=64), PlantedLM()
-    texts = ["the banana", "the good film", "a b c", "good great fine", "film", "nice good", "the", "x y"]
+    # planted qualities 0.5 to 1.0: only the last is right on every example, so it wins every rung
+    texts = ["the banana", "review", "x y", "review label", "review label decide", "the",
+             "review label decide sentiment", "carefully decide the sentiment label of the review"]
     race = successive_halving(task, texts, task.dev, lm, min_examples=8, eta=2)
     # rungs of 8, 16 and 32 examples, then the lone survivor goes straight to all 64
     assert lm.calls == race.calls == 4
     assert sorted(race.seen) == [8, 8, 8, 8, 16, 16, 32, 64]
     assert lm.requests == 2 * (8 * 8 + 4 * 8 + 2 * 16 + 32)  # only new examples are run at each rung
-    (winner,) = race.finalists()
+    assert race.finalists() == [7] and race.scores[7] == 1.0
     full = [task.score(p, task.dev) for p in predict_many(task, texts, task.dev, lm)]
-    assert race.scores[winner] == pytest.approx(full[winner])  # the finalist's score is on the whole subset
-    assert full[winner] >= sorted(full)[-3]  # a race may miss the very best, but not by much here
+    # whoever got further scored better where it was dropped: the race keeps the better half
+    for a, b in [(a, b) for a in range(8) for b in range(8) if race.seen[a] > race.seen[b]]:
+        n = race.seen[b]
+        assert task.score(predict_many(task, [texts[a]], task.dev[:n], lm)[0], task.dev[:n]) >= race.scores[b]
+    assert race.scores[7] == pytest.approx(full[7])  # the finalist's score is on the whole subset
     with pytest.raises(ValueError, match="halving"):
         successive_halving(task, texts, task.dev, lm, min_examples=0)
 
@@ -98,4 +103,7 @@ def test_ape_with_halving_scores_fewer_examples_and_never_returns_a_dropped_cand
     kinds = {e.kind for e in reports[0].evaluated}
     assert kinds == {"candidate", "dropped"}
     assert all(e.n == 64 for e in reports[0].evaluated if e.kind == "candidate")
-    assert quality(APE().best(raced).text) >= quality(task.instruction)
+    # the baseline ("the banana") has the lowest planted quality: the race must find better
+    assert quality(APE().best(raced).text) > quality(task.instruction)
+    finalists = [e for e in reports[0].evaluated if e.kind == "candidate"]
+    assert APE().best(raced).text == max(finalists, key=lambda e: e.score).prompt
