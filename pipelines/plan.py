@@ -125,20 +125,28 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def build_all(specs: list[dict], caps: dict[str, frozenset[str]], choices: dict) -> dict[str, Task]:
-    """Build every distinct method and task once, and check each method's needs against the backends.
+    """Build every distinct task and method once, and check each method's needs against the backends.
 
     Returns:
         the built tasks by :func:`task_key`.
     """
     tasks: dict[str, Task] = {}
+    for spec in specs:
+        key = task_key(spec)
+        if key not in tasks:
+            tasks[key] = _built(f"task {spec['task_name']}", lambda: _task(key))
     for spec in {s["method_name"]: s for s in specs}.values():
-        try:
-            task, method = build(spec)
-        except Exception as err:  # noqa: BLE001 - reported to the user as one line
-            raise UserError(f"{spec['method_name']} on {spec['task_name']}: {root_cause(err)}") from err
-        tasks[task_key(spec)] = task
+        method = _built(spec["method_name"], lambda: hydra.utils.instantiate(spec["method"], _convert_="all"))
         check_needs(spec["method_name"], method, caps, choices)
     return tasks
+
+
+def _built(what: str, make):
+    """``make()``, its failure reported as one line naming ``what`` and the constructor's own error."""
+    try:
+        return make()
+    except Exception as err:  # noqa: BLE001 - reported to the user as one line
+        raise UserError(f"{what}: {root_cause(err)}") from err
 
 
 def check_needs(name: str, method: Any, caps: dict[str, frozenset[str]], choices: dict) -> None:
