@@ -7,6 +7,7 @@ the path, line or value involved. Nothing here builds prompts; see :mod:`tasks.l
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import functools
@@ -166,8 +167,12 @@ def read_table(path_str: str, format: str = "auto", encoding: str = "utf-8") -> 
 
 
 def _without_bom(encoding: str) -> str:
-    """utf-8-sig for utf-8: it drops the byte-order mark spreadsheet exports put before the first column name."""
-    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    """utf-8-sig for any name of utf-8: it drops the byte-order mark spreadsheet exports put before
+    the first column name. An unknown encoding is left for ``open`` to refuse."""
+    try:
+        return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    except LookupError:
+        return encoding
 
 
 def _read_delimited(path: Path, kind: str, encoding: str) -> list[tuple[int, dict]]:
