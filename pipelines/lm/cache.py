@@ -200,10 +200,10 @@ class CachedLM:
     def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
         requests = list(requests)
         ids: dict[int, str] = {}  # one hash per distinct prompt object (soft prompts are big)
-        keys = [
-            _digest("ll", self.model_key, r.context, r.continuation, ids.setdefault(id(r.prompt), prompt_id(r.prompt)))
-            for r in requests
-        ]
+        for r in requests:
+            if id(r.prompt) not in ids:
+                ids[id(r.prompt)] = prompt_id(r.prompt)
+        keys = [_digest("ll", self.model_key, r.context, r.continuation, ids[id(r.prompt)]) for r in requests]
         found = self.store.get_many(keys)
         missing = list(dict.fromkeys(k for k in keys if k not in found))
         self._count_hits([found[k][1] for k in keys if k in found], whole_call=bool(requests) and not missing)
