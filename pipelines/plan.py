@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.lm import budget, cache
 from pipelines.lm.stack import backend_capabilities
-from tasks.core import Task, data_warnings
+from tasks.core import Task, TaskError, data_warnings
 
 ROLES = ("scorer", "proposer")
 SCHEDULERS = ("fifo", "asha", "pbt")
@@ -142,11 +142,13 @@ def build_all(specs: list[dict], caps: dict[str, frozenset[str]], choices: dict)
 
 
 def _built(what: str, make):
-    """``make()``, its failure reported as one line naming ``what`` and the constructor's own error."""
+    """``make()``, its failure reported as one line: a task's own error as it is (it names the task
+    or the file), anything else after ``what``."""
     try:
         return make()
     except Exception as err:  # noqa: BLE001 - reported to the user as one line
-        raise UserError(f"{what}: {root_cause(err)}") from err
+        cause = root_cause(err)
+        raise UserError(str(cause) if isinstance(cause, TaskError) else f"{what}: {cause}") from err
 
 
 def check_needs(name: str, method: Any, caps: dict[str, frozenset[str]], choices: dict) -> None:

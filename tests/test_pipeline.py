@@ -33,19 +33,23 @@ def test_every_trial_finishes_and_the_table_is_printed(sweep):
     assert all(f"{r['test_score']:.3f}" in report for r in rows)
 
 
-def test_the_reported_test_score_is_the_prompt_scored_on_test(sweep, data_dir):
-    """Rescore every trial's best prompt in-process on the same tiny model: the numbers must agree."""
+def rescored(row: dict, data_dir) -> float:
+    """A text trial's best prompt scored in-process on the tiny model and the ``TINY`` test split."""
     from backends.tiny import tiny_backend
     from methods.evaluate import predict
     from methods.lm import TextPrompt
     from tasks.loaders import sst2
 
+    task = sst2(data_dir, n_train=20, n_dev=16, n_test=24)
+    return task.score(predict(task, TextPrompt(row["best_prompt"]), task.test, tiny_backend()), task.test)
+
+
+def test_the_reported_test_score_is_the_prompt_scored_on_test(sweep, data_dir):
+    """Rescore every trial's best prompt in-process on the same tiny model: the numbers must agree."""
     run_dir, _ = sweep
-    task, lm = sst2(data_dir, n_train=20, n_dev=16, n_test=24), tiny_backend()
     for trial in (run_dir / "trials").glob("*.json"):
         row = json.loads(trial.read_text())
-        preds = predict(task, TextPrompt(row["best_prompt"]), task.test, lm)
-        assert row["test_score"] == pytest.approx(task.score(preds, task.test)), row["method"]
+        assert row["test_score"] == pytest.approx(rescored(row, data_dir)), row["method"]
 
 
 def test_evaluation_log_matches_what_the_methods_scored(sweep):
