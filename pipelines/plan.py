@@ -125,19 +125,22 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def build_all(specs: list[dict], caps: dict[str, frozenset[str]], choices: dict) -> dict[str, Task]:
-    """Build every distinct task and method once, and check each method's needs against the backends.
+    """Build every distinct method and task once, and check each method's needs against the backends.
+
+    Methods first: they are cheap to build, and a method the backends cannot serve is refused
+    before any data is read.
 
     Returns:
         the built tasks by :func:`task_key`.
     """
+    for spec in {s["method_name"]: s for s in specs}.values():
+        method = _built(spec["method_name"], lambda: hydra.utils.instantiate(spec["method"], _convert_="all"))
+        check_needs(spec["method_name"], method, caps, choices)
     tasks: dict[str, Task] = {}
     for spec in specs:
         key = task_key(spec)
         if key not in tasks:
             tasks[key] = _built(f"task {spec['task_name']}", lambda: _task(key))
-    for spec in {s["method_name"]: s for s in specs}.values():
-        method = _built(spec["method_name"], lambda: hydra.utils.instantiate(spec["method"], _convert_="all"))
-        check_needs(spec["method_name"], method, caps, choices)
     return tasks
 
 
