@@ -79,7 +79,7 @@ def _unreadable_model(tmp_path: Path) -> str:
     [
         (["nonexistent_key=1"], "bad override: Could not override 'nonexistent_key'"),
         (["search.seeds=[0,"], "bad override 'search.seeds=[0,'"),
-        (["search.max_steps=abc"], "search.max_steps='abc': expected a number >= 0"),
+        (["search.max_steps=abc"], "search.max_steps='abc': expected an integer >= 0"),
         (["task.n_dev=0"], "the dev split is empty"),
         (["model@lm.scorer=hf", "lm.scorer.model=/nonexistent/model"],
          "'/nonexistent/model' is not a readable directory"),
