@@ -154,8 +154,9 @@ PROPOSER_WRITES = Needs(proposer=frozenset({GENERATE}))  # the text methods
 class LM(Protocol):
     """A frozen language model, batched at the boundary: what every backend provides.
 
-    ``capabilities`` names the optional calls below that it also serves; a caller must not
-    use one it does not declare (the sweep checks this before it starts).
+    ``capabilities`` names the optional calls it also serves (:class:`Generates`,
+    :class:`Differentiates`, ``export_prompt``); a caller must not use one it does not declare
+    (the sweep checks each method's :class:`Needs` against it before it starts).
     """
 
     capabilities: frozenset[str]
