@@ -1,8 +1,8 @@
 """Bad input is refused by the planning pass with one line naming the key or file and the fix.
 
 The plan runs in-process here (it needs no Ray and no model), so each case costs milliseconds;
-two cases go through the command line to see the whole contract: one ``error:`` line, exit
-status 2, no run directory left behind.
+``tests/test_pipeline.py`` sends some of the same input through the command line to see the whole
+contract: one ``error:`` line, exit status 2, no run directory left behind.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from omegaconf import OmegaConf
 from pipelines.plan import UserError, make_plan
 from pipelines.run import check_resume_overrides
 from tasks.core import Example, Task, TaskError, data_warnings
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT
 
 CONF = ROOT / "conf"
-TINY = ["model=tiny", "logger=none"]
 
 
 def plan(*overrides: str, tmp: Path | None = None):
@@ -145,18 +144,3 @@ def test_resume_refuses_overrides_that_change_the_sweep():
     other = {**same, "method": {"_target_": "methods.opro.OPRO"}}
     with pytest.raises(UserError, match="method=opro changes method"):
         check_resume_overrides(["method=opro"], other, saved)
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["search.max_steps=nan"], "error: search.max_steps=nan: expected an integer >= 0"),
-        (["resources.replicas=inf"], "error: resources.replicas=inf: expected an integer >= 1"),
-    ],
-)
-def test_on_the_command_line_it_is_one_line_exit_2_and_nothing_left(args, message, tmp_path, data_dir):
-    run_dir = tmp_path / "out" / "run"
-    proc = run_cli(*TINY, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", *args)
-    assert proc.returncode == 2
-    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [message]
-    assert not run_dir.exists()

@@ -137,6 +137,8 @@ def test_secrets_never_reach_results_or_wandb(sweep):
         (["method.n_prompts=abc"], "n_prompts='abc' should be int"),
         (["search.methods=[]"], "search.methods is empty"),
         (["search.scheduler=nope"], "unknown search.scheduler"),
+        (["search.max_steps=nan"], "search.max_steps=nan: expected an integer >= 0"),
+        (["resources.replicas=inf"], "resources.replicas=inf: expected an integer >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, data_dir):
