@@ -29,8 +29,15 @@ def test_soft_and_prefix_trials_train_and_export_peft_adapters(tmp_path, data_di
     assert prefix_dir.endswith("/prefix") and soft_dir.endswith("/soft_prompt")
     assert json.loads((Path(prefix_dir) / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
     prefix = load_prefix(prefix_dir, tiny_model(vocab))
-    assert prefix.shape[0] == 3 and np.isfinite(prefix).all()
-    assert load_soft_prompt(soft_dir, tiny_model(vocab)).shape == (2, 32)
+    soft = load_soft_prompt(soft_dir, tiny_model(vocab))
+    assert prefix.shape[0] == 3 and soft.shape == (2, 32)
+    # Reloaded, each adapter is exactly the best prompt its trial kept (in its last checkpoint).
+    import pickle
+
+    for method, reloaded in (("prefix_tuning", prefix), ("soft_prompt", soft)):
+        checkpoints = sorted((run_dir / "tune").glob(f"*{rows[method]['trial']}*/checkpoint_*/trial.pkl"))
+        state = pickle.loads(checkpoints[-1].read_bytes())["state"]
+        np.testing.assert_array_equal(reloaded, state.best.astype(np.float32), err_msg=method)
     report = (run_dir / "report.md").read_text()
     assert "key/value prefix" in report and "soft prompt" in report
 
