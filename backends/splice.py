@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from methods.lm import PROMPT_SLOT, PrefixPrompt, Request, SoftPrompt, TextPrompt, TokenPrompt
+from methods.lm import PROMPT_SLOT, PrefixPrompt, Request, SoftPrompt, TextPrompt
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from methods.soft_prompt import (
     SoftPromptTuning, adam, clip, init_mlp, mlp_backward, mlp_forward, nearest_tokens, text_init,
 )
 from tests.fakes import planted_task
-from tests.test_autoprompt import WORDS, GradLM
+from tests.test_autoprompt import GradLM
 
 
 def run(method, task, lm, steps, seed=0, state=None, rng=None):
