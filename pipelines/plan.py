@@ -267,12 +267,10 @@ def check_arguments(target: str, kwargs: dict, where: str = "") -> None:
     would even accept ``n_prompts="abc"`` and fail much later. ``where`` names the config
     group (``task``) so the message names the key to fix (``task.n_dev=2.5``).
     """
-    import importlib
     import inspect
     import typing
 
-    module, _, name = target.rpartition(".")
-    obj = getattr(importlib.import_module(module), name)
+    obj, name = hydra.utils.get_object(target), target.rpartition(".")[2]
     params = inspect.signature(obj).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))

@@ -7,10 +7,11 @@ this module reaches into a layer.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import typing
 from dataclasses import dataclass
+
+import hydra.utils
 
 from methods.lm import LM
 from pipelines.lm.budget import BudgetedLM, Limits, Price
@@ -64,9 +65,8 @@ def backend_capabilities(target: str) -> frozenset[str]:
     Raises:
         ValueError: the target cannot be imported, or declares no capabilities, in one line.
     """
-    module, _, name = target.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module), name)
+        obj = hydra.utils.get_object(target)
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"cannot import backend {target!r}: {err}") from err
     if not inspect.isclass(obj):
