@@ -112,3 +112,41 @@ def contains(prediction: str | None, gold: str) -> bool:
     if prediction is None:
         return False
     return " ".join(_tokens(gold)) in " ".join(_tokens(prediction))
+
+
+# Instruction induction, scored as APE scores it (Zhou et al. 2023, whose evaluation code takes
+# it from Honovich et al. 2022): the output's first line, cut at its first period, lowercased,
+# " and " and "Sentence 1:/2:" dropped, hyphens as spaces, punctuation removed; then exact
+# match, token F1, exact set of words, or whole-word containment against each gold answer,
+# best of the answers.
+
+def ape_normalize(text: str) -> str:
+    """APE's ``normalize_prediction``."""
+    text = text.replace(" and ", " ").replace("Sentence 1:", " ").replace("Sentence 2:", " ")
+    text = text.strip().split("\n")[0].split(".")[0].lower().replace("-", " ")
+    return text.translate(str.maketrans("", "", string.punctuation))
+
+
+def ape_em(prediction: str | None, gold: str) -> float:
+    return float(prediction is not None and ape_normalize(prediction) == ape_normalize(gold))
+
+
+def ape_f1(prediction: str | None, gold: str) -> float:
+    if prediction is None:
+        return 0.0
+    pred, ref = ape_normalize(prediction).split(), ape_normalize(gold).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def ape_set(prediction: str | None, gold: str) -> float:
+    return float(prediction is not None and set(ape_normalize(prediction).split()) == set(ape_normalize(gold).split()))
+
+
+def ape_contains(prediction: str | None, gold: str) -> float:
+    if prediction is None:
+        return 0.0
+    return float(re.search(rf"\b({re.escape(ape_normalize(gold))})\b", ape_normalize(prediction)) is not None)

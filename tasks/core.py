@@ -9,6 +9,7 @@ from __future__ import annotations
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -75,6 +76,8 @@ class Task:
             before the argmax (the cloze form of multiple choice, where options differ in length).
     """
 
+    kind: ClassVar[str] = "label"
+
     name: str
     template: str
     verbalizer: tuple[str, ...]
@@ -123,6 +126,24 @@ class Task:
         """The task metric of ``predictions`` against the examples' labels."""
         return METRICS[self.metric](predictions, [ex.label for ex in examples])
 
+    # The surface methods share with generative tasks (:class:`tasks.generative.GenTask`), where
+    # a prediction is the written output instead of a label id.
+
+    def is_correct(self, prediction: int, example: Example) -> bool:
+        return int(prediction) == example.label
+
+    def answer_text(self, example: Example) -> str:
+        """The gold label word, as demonstrations show it."""
+        return self.choices(example)[example.label].strip()
+
+    def target_text(self, example: Example) -> str:
+        """The continuation a gradient method teacher-forces: the gold label word as scored."""
+        return self.choices(example)[example.label]
+
+    def shown(self, prediction: int, example: Example) -> str:
+        """A prediction as a report or a proposer sees it: its label word."""
+        return self.choices(example)[int(prediction)].strip()
+
     def split(self, name: str) -> tuple[Example, ...]:
         """A split by name, with a clear error for a typo."""
         if name not in ("train", "dev", "test"):
@@ -155,6 +176,8 @@ def data_warnings(task: Task) -> list[str]:
         shared = sum(key(ex) in test for ex in getattr(task, name))
         if shared:
             out.append(f"task {task.name!r}: {shared} {name} example(s) have the same inputs as test examples")
+    if not hasattr(task, "verbalizer"):  # a generative task: no labels to be missing
+        return out
     labels = range(len(task.verbalizer))
     if all(ex.choices is None for ex in task.train + task.dev + task.test):
         for name in ("train", "dev"):
