@@ -21,10 +21,13 @@ from transformers import DynamicCache
 
 from backends import loading, sampling
 from backends.prefix import KVShape, from_layers, split_by_prefix, to_layers
-from backends.splice import Encoder, Group, Row, batches, build_rows, encode_requests, plan_groups, suffix_length
+from backends.splice import (
+    Encoder, Group, Row, SoftTable, batches, build_rows, encode_requests, plan_groups, suffix_length,
+)
 from methods.lm import CAPABILITIES, PrefixPrompt, Request, SoftPrompt, SplicedPrompt, TokenPrompt
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
+MAX_GEN_ROWS = 64  # rows decoded together: past this a step's matmuls gain little on a CPU or one GPU
 
 
 class HFBackend:
@@ -191,6 +194,7 @@ class HFBackend:
         n: int = 1,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        prompt: SplicedPrompt | None = None,
     ) -> list[list[str]]:
         """``n`` completions per context; greedy when ``temperature == 0``.
 
@@ -198,19 +202,53 @@ class HFBackend:
         ``(seed, context index, sample index)``, so a completion does not depend on what else
         is in the call. Completions are cut before the first stop string and special tokens
         are stripped. No chat template is applied (see :meth:`apply_chat_template`).
+
+        ``prompt`` (a token, soft or prefix prompt) applies to every context, spliced at
+        :data:`methods.lm.PROMPT_SLOT` or, for a prefix, before it: how gradient-trained prompts
+        are evaluated on generative tasks. Contexts sharing a long token prefix (few-shot
+        demonstrations, an instruction) run it once per call (see :meth:`_generate_group`).
         """
         self._count(len(contexts))
         seed = np.random.SeedSequence().entropy if seed is None else seed
         draws = n if temperature > 0 else 1  # greedy completions are all the same
-        prompts = [self.encoder.context(c, None) for c in contexts]
+        virtual, spliced, soft = None, None, None
+        if isinstance(prompt, PrefixPrompt):
+            virtual = self._prefix_tensor(prompt)
+        elif isinstance(prompt, SoftPrompt):
+            table = SoftTable()
+            spliced, soft = table.keys(prompt), self._soft(table.array())
+        elif isinstance(prompt, TokenPrompt):
+            spliced = tuple(int(i) for i in prompt.ids)
+        elif prompt is not None:
+            raise TypeError(f"generate takes a token, soft or prefix prompt, not {type(prompt).__name__}")
+        keys = [self.encoder.context(c, spliced) for c in contexts]
         jobs = [(i, j) for i in range(len(contexts)) for j in range(draws)]
+        rows = [Row(keys[i], [(len(keys[i]) - 1, 0, k)]) for k, (i, _) in enumerate(jobs)]
+        groups = plan_groups(rows, self.min_prefix) if self.min_prefix > 0 else [Group(0, tuple(rows))]
         texts: dict[tuple[int, int], str] = {}
         with torch.inference_mode():
-            for batch in batches(jobs, lambda job: len(prompts[job[0]]) + max_new_tokens, self.max_batch_tokens):
-                gens = [sampling.row_generator(seed, i, j, device=self.device) for i, j in batch]
-                outs = self._sample([prompts[i] for i, _ in batch], gens, max_new_tokens, temperature, stop)
-                texts.update(zip(batch, outs))
+            layers = None if virtual is None else to_layers(virtual, self.kv_shape)
+            for group in groups:
+                done = self._generate_group(group, jobs, seed, soft, layers, max_new_tokens, temperature, stop)
+                texts.update(done)
         return [[texts[(i, j % draws)] for j in range(n)] for i in range(len(contexts))]
+
+    def _generate_group(self, group: Group, jobs, seed, soft, virtual, max_new_tokens, temperature, stop) -> dict:
+        """Completions of rows sharing ``group.prefix_len`` keys: the prefix runs once, the rest in batches.
+
+        Batches are sized by their prompt suffixes (decoding runs one token per row per step,
+        so rows are what a step's matmuls are made of, up to :data:`MAX_GEN_ROWS`).
+        """
+        start = group.prefix_len
+        shared = self._prefix_kv(group.rows[0].keys[:start], soft, virtual) if start else virtual
+        out = {}
+        for batch in batches(group.rows, suffix_length(start), self.max_batch_tokens):
+            for part in (batch[k : k + MAX_GEN_ROWS] for k in range(0, len(batch), MAX_GEN_ROWS)):
+                idx = [row.targets[0][2] for row in part]
+                gens = [sampling.row_generator(seed, *jobs[k], device=self.device) for k in idx]
+                texts = self._sample([row.keys[start:] for row in part], shared, soft, gens, max_new_tokens, temperature, stop)
+                out.update((jobs[k], t) for k, t in zip(idx, texts))
+        return out
 
     def token_embeddings(self) -> np.ndarray:
         """The input embedding matrix, float32 ``[vocab, d_model]``."""
@@ -351,33 +389,44 @@ class HFBackend:
 
     # ------------------------------------------------------------------ generation internals
 
-    def _sample(self, prompts, gens, max_new_tokens: int, temperature: float, stop: Sequence[str]) -> list[str]:
-        """Completions of ``prompts`` (token lists), one generator per row; decoded and cut at ``stop``.
+    def _sample(self, suffixes, shared: PrefixKV | None, soft, gens, max_new_tokens: int, temperature: float,
+                stop: Sequence[str]) -> list[str]:
+        """Completions of token rows that follow the ``shared`` cached states (or nothing).
 
-        The batch is left-padded with an attention mask; position ids count real tokens only,
-        so a row's numbers do not depend on how much padding its batch needs.
+        Each row's own tokens are left-padded, so the batch reads ``[shared][pads][row]`` and
+        every row's next token is at the last position; the attention mask hides the pads and
+        position ids count real tokens only, so a row's numbers do not depend on its batch.
+        A row that is finished (EOS or a stop string) leaves the batch and its cache.
         """
-        b, longest = len(prompts), max(map(len, prompts))
-        ids = torch.full((b, longest), self._eos[0] if self._eos else 0, dtype=torch.long)
-        mask = torch.zeros((b, longest), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, longest - len(p) :], mask[r, longest - len(p) :] = torch.tensor(p), 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache, new, finished = DynamicCache(config=self.config), [[] for _ in range(b)], [False] * b
+        b, longest = len(suffixes), max(map(len, suffixes))
+        past = 0 if shared is None else shared[0][0].shape[2]
+        keys = torch.zeros((b, longest), dtype=torch.long)
+        mask = torch.zeros((b, past + longest), dtype=torch.long)
+        mask[:, :past] = 1
+        for r, p in enumerate(suffixes):
+            keys[r, longest - len(p) :], mask[r, past + longest - len(p) :] = torch.tensor(p), 1
+        keys, mask = keys.to(self.device), mask.to(self.device)
+        positions = (past + mask[:, past:].cumsum(-1) - 1).clamp(min=past)
+        kv = None if shared is None else [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in shared]
+        cache = DynamicCache(config=self.config) if kv is None else DynamicCache(kv, config=self.config)
+        inputs = self._inputs(keys, soft)
+        new: list[list[int]] = [[] for _ in range(b)]
+        alive = list(range(b))  # rows still generating, in batch order
+        real = sum(map(len, suffixes))  # tokens the next forward runs that are not padding
         for _ in range(max_new_tokens):
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions,
-                **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1,
-            )
-            self._usage["forward_tokens"] += int(mask[:, -ids.shape[1] :].sum())
-            self._usage["padded_tokens"] += ids.numel()
-            tokens = sampling.next_tokens(out.logits[:, -1], gens, temperature)
-            for r, tok in enumerate(tokens):
-                finished[r] = finished[r] or self._append(new[r], tok, stop)
-            if all(finished):
+            out = self.model(**inputs, attention_mask=mask, position_ids=positions,
+                             **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
+            self._usage["forward_tokens"] += real
+            self._usage["padded_tokens"] += inputs_size(inputs)
+            tokens = sampling.next_tokens(out.logits[:, -1], [gens[r] for r in alive], temperature)
+            keep = [k for k, (r, tok) in enumerate(zip(alive, tokens)) if not self._append(new[r], tok, stop)]
+            if not keep:
                 break
-            ids = torch.tensor(tokens, device=self.device)[:, None]
+            if len(keep) < len(alive):  # drop finished rows from every tensor and the cache
+                cache.batch_select_indices(torch.tensor(keep, device=self.device))
+                mask, positions = mask[keep], positions[keep]
+                tokens, alive = [tokens[k] for k in keep], [alive[k] for k in keep]
+            inputs, real = {"input_ids": torch.tensor(tokens, device=self.device)[:, None]}, len(alive)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
         return [sampling.cut(self.tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]
@@ -411,3 +460,9 @@ def cache_argument(module: torch.nn.Module) -> str:
     old name; the range of versions this project admits has one or the other.
     """
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def inputs_size(inputs: dict[str, torch.Tensor]) -> int:
+    """Padded positions in a forward's inputs (ids ``[b, L]`` or embeddings ``[b, L, d]``)."""
+    x = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    return int(x.shape[0] * x.shape[1])

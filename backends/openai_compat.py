@@ -196,8 +196,11 @@ class OpenAICompatLM:
         n: int = 1,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        prompt=None,
     ) -> list[list[str]]:
         """``n`` completions per context: one request per (context, sample), each seeded."""
+        if prompt is not None:
+            raise TypeError("an HTTP endpoint takes text only; token, soft and prefix prompts need a local model")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1 (0 means unlimited on llama.cpp servers)")
         base = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)

@@ -29,6 +29,7 @@ from methods.base import Evaluated, Report
 from methods.evaluate import predictions, requests_for, score_prompts, subsample
 from methods.lm import LM, Needs, PROMPT_GRAD, PROMPT_SLOT, Request, TOKEN_EMBEDDINGS, TokenPrompt
 from tasks.core import Example, Task
+from tasks.generative import is_generative
 
 # Control tokens decode to bracketed names ("<|endoftext|>", "<s>", "[MASK]") or to nothing.
 _SPECIAL = re.compile(r"^(<\|?[^<>\s]*\|?>|\[[A-Z_]+\])$")
@@ -104,6 +105,12 @@ class AutoPrompt:
 
     def needs(self) -> Needs:
         return Needs(scorer=frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS}))
+
+    def check_task(self, task) -> None:
+        """On a generative task candidates are ranked by the gold answer's NLL: accuracy would
+        mean generating for every candidate of every step."""
+        if is_generative(task) and self.objective == "accuracy":
+            raise ValueError("objective=accuracy needs label scoring; use objective=nll on a generative task")
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> AutoPromptState:
         if self.init_token:
@@ -230,8 +237,9 @@ def swap(ids: tuple[int, ...], slot: int, token: int) -> tuple[int, ...]:
 
 
 def label_requests(task: Task, examples: Sequence[Example], slot: str = PROMPT_SLOT) -> list[tuple[str, str]]:
-    """(context with ``slot`` as its instruction, correct label continuation) per example."""
-    return [(task.render(slot, ex), task.choices(ex)[ex.label]) for ex in examples]
+    """(context with ``slot`` as its instruction, correct continuation) per example: the label word,
+    or on a generative task the gold answer (or worked solution) the data gives."""
+    return [(task.render(slot, ex), task.target_text(ex)) for ex in examples]
 
 
 def objective_table(
@@ -267,7 +275,7 @@ def _correct_positions(task: Task, examples: Sequence[Example]) -> np.ndarray:
 def label_token_ids(task: Task, scorer: LM) -> set[int]:
     """Token ids of the verbalizer's label words, with and without their leading space."""
     ids: set[int] = set()
-    for word in task.verbalizer:
+    for word in getattr(task, "verbalizer", ()):  # a generative task has no label words to ban
         for form in {word, word.strip(), " " + word.strip()}:
             ids.update(scorer.tokenize(form) if form.strip() else [])
     return ids

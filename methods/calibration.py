@@ -14,7 +14,8 @@ Each step (after the first, which scores the seed instruction):
 Simplified from the paper: labels come from the target-label conditioning instead of a human
 or LLM annotator, and the error analysis is shown to the refiner directly rather than
 summarized by a separate LLM call. Synthetic inputs are only written for single-field tasks
-scored with the task's verbalizer; otherwise the calibration set is the real examples alone.
+scored with the task's verbalizer; otherwise (multi-field, multiple-choice and generative
+tasks, where there is no label to condition on) the calibration set is the real examples alone.
 Per step: two generate calls and two scorer calls.
 """
 
@@ -32,6 +33,7 @@ from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev, predict_many
 from methods.text import clean_candidates
 from tasks.core import Example, Task
+from tasks.generative import is_generative
 
 SYNTHETIC_TEMPLATE = (
     "Task instruction: {instruction}\n\n"
@@ -71,7 +73,7 @@ class CalibrationState:
 def input_field(task: Task) -> str | None:
     """The one text field synthetic inputs can fill, or ``None`` for multi-field/choice tasks."""
     fields = [f for f in task.fields if f not in _NO_FEWSHOT]
-    if len(fields) != 1 or any(ex.choices is not None for ex in task.train):
+    if is_generative(task) or len(fields) != 1 or any(ex.choices is not None for ex in task.train):
         return None
     return fields[0]
 
@@ -185,7 +187,7 @@ class Calibration:
         """Every calibration example the current instruction gets wrong (one scorer call)."""
         examples = self.calibration_set(state, task)
         (preds,) = predict_many(task, [self.current(state)], examples, scorer)
-        return [(ex, int(p)) for ex, p in zip(examples, preds) if p != ex.label]
+        return [(ex, p) for ex, p in zip(examples, preds) if not task.is_correct(p, ex)]
 
     def _refine(
         self, state: CalibrationState, errors, task: Task, proposer: LM, rng: np.random.Generator
@@ -212,9 +214,8 @@ class Calibration:
         lines = []
         for ex, pred in errors:
             text = " ".join(ex.inputs[f] for f in task.fields if f not in _NO_FEWSHOT)
-            choices = task.choices(ex)
-            lines.append(f"Input: {text}\nCorrect answer: {choices[ex.label].strip()}\n"
-                         f"Predicted answer: {choices[pred].strip()}")
+            lines.append(f"Input: {text}\nCorrect answer: {task.answer_text(ex)}\n"
+                         f"Predicted answer: {task.shown(pred, ex)}")
         return "\n\n".join(lines)
 
     def _score(self, texts: Sequence[str], task: Task, scorer: LM, kind: str):

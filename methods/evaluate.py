@@ -1,7 +1,11 @@
-"""Scoring prompts on examples by label log-likelihood: one batched LM call per use.
+"""Scoring prompts on examples: one batched LM call per use, whatever the task kind.
 
 Classification and multiple choice are scored by the log-likelihood of each label
-continuation, never by generating and parsing.
+continuation, never by generating and parsing. Generative tasks
+(:class:`tasks.generative.GenTask`) are scored by greedy generation, then the task's
+extractor and metric. A *prediction* is a label id for the first kind and the written
+output for the second; methods compare predictions with ``task.is_correct`` and show them
+with ``task.shown``, so they need not know which kind they optimize.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 
 from methods.lm import LM, PROMPT_SLOT, PrefixPrompt, Prompt, Request, TextPrompt
 from tasks.core import Example, Task
+from tasks.generative import is_generative
 
 
 def slot_text(prompt: Prompt) -> str:
@@ -46,24 +51,56 @@ def predictions(task: Task, examples: Sequence[Example], loglik: np.ndarray) -> 
     return preds
 
 
-def score_prompts(
-    task: Task, prompts: Sequence[Prompt], examples: Sequence[Example], scorer: LM
-) -> list[float]:
-    """Task metric of each prompt on ``examples``, all prompts in one batched call."""
+def outputs(task, prompt: Prompt, examples: Sequence, scorer: LM) -> list[str]:
+    """Greedy outputs of a generative task's ``examples`` under ``prompt`` (one ``generate`` call).
+
+    A text prompt is rendered into each context; a token, soft or prefix prompt rides along
+    (the backend splices it, or puts a prefix's states first).
+    """
+    if not examples:
+        return []
+    contexts = [task.render(slot_text(prompt), ex) for ex in examples]
+    extra = {} if isinstance(prompt, TextPrompt) else {"prompt": prompt}
+    outs = scorer.generate(contexts, max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.stop, **extra)
+    return [row[0] for row in outs]
+
+
+def predict_many(task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM) -> list[list]:
+    """Each prompt's predictions on ``examples``: label ids (label tasks) or outputs (generative).
+
+    Text prompts go in one call; a generative task's token, soft or prefix prompts take one
+    ``generate`` call each (the call applies one spliced prompt to all its contexts).
+    """
     if not prompts:
         return []
-    requests = [r for p in prompts for r in requests_for(task, p, examples)]
-    loglik = scorer.loglikelihood(requests)
-    per = len(requests) // len(prompts)
-    return [
-        task.score(predictions(task, examples, loglik[j * per : (j + 1) * per]), examples)
-        for j in range(len(prompts))
-    ]
+    if not is_generative(task):
+        requests = [r for p in prompts for r in requests_for(task, p, examples)]
+        loglik = scorer.loglikelihood(requests)
+        per = len(requests) // len(prompts)
+        return [list(predictions(task, examples, loglik[j * per : (j + 1) * per])) for j in range(len(prompts))]
+    if all(isinstance(p, TextPrompt) for p in prompts):
+        flat = outputs_text(task, [p.text for p in prompts], examples, scorer)
+        return [flat[j * len(examples) : (j + 1) * len(examples)] for j in range(len(prompts))]
+    return [outputs(task, p, examples, scorer) for p in prompts]
 
 
-def predict(task: Task, prompt: Prompt, examples: Sequence[Example], scorer: LM) -> np.ndarray:
-    """Predicted label ids for ``examples`` under ``prompt`` (one batched call)."""
-    return predictions(task, examples, scorer.loglikelihood(requests_for(task, prompt, examples)))
+def outputs_text(task, instructions: Sequence[str], examples: Sequence, scorer: LM) -> list[str]:
+    """Greedy outputs of every instruction on every example, instruction-major, in one call."""
+    if not instructions or not examples:
+        return []
+    contexts = [task.render(text, ex) for text in instructions for ex in examples]
+    outs = scorer.generate(contexts, max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.stop)
+    return [row[0] for row in outs]
+
+
+def score_prompts(task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM) -> list[float]:
+    """Task metric of each prompt on ``examples``, all prompts in one batched call."""
+    return [task.score(preds, examples) for preds in predict_many(task, prompts, examples, scorer)]
+
+
+def predict(task, prompt: Prompt, examples: Sequence, scorer: LM) -> list:
+    """Predictions for ``examples`` under ``prompt``: label ids, or a generative task's outputs."""
+    return predict_many(task, [prompt], examples, scorer)[0]
 
 
 def subsample(examples: Sequence[Example], n: int, rng: np.random.Generator) -> tuple[Example, ...]:

@@ -186,8 +186,14 @@ class Generates(Protocol):
         n: int = 1,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        prompt: SplicedPrompt | None = None,
     ) -> list[list[str]]:
-        """``n`` sampled completions per context (greedy when ``temperature == 0``), cut at ``stop``."""
+        """``n`` sampled completions per context (greedy when ``temperature == 0``), cut at ``stop``.
+
+        ``prompt`` (a token, soft or prefix prompt, for all contexts) is spliced at
+        :data:`PROMPT_SLOT` as in scoring; only a backend that also declares ``prompt_grad``
+        (``prefix_states`` for a prefix) can take one.
+        """
         ...
 
 

@@ -57,7 +57,7 @@ def exemplar(task: Task, ex: Example) -> str:
     # Few-shot blocks (MMLU) would swamp a small proposer's context; the slot position is the point.
     inputs = {k: ("" if k in _NO_FEWSHOT else v) for k, v in ex.inputs.items()}
     text = task.template.format(instruction="<INS>", **inputs)
-    return EXEMPLAR.format(input=text, output=task.choices(ex)[ex.label].strip())
+    return EXEMPLAR.format(input=text, output=task.answer_text(ex))
 
 
 def meta_prompt(

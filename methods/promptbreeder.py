@@ -208,7 +208,7 @@ class Promptbreeder:
             return {}
         batch = subsample(task.train, self.lamarck_batch, rng)
         preds = predict_many(task, [state.units[w][0] for w in winners], batch, scorer)
-        right = {w: [ex for ex, p in zip(batch, row) if p == ex.label] for w, row in zip(winners, preds)}
+        right = {w: [ex for ex, p in zip(batch, row) if task.is_correct(p, ex)] for w, row in zip(winners, preds)}
         return {w: exs[: self.n_workings] for w, exs in right.items()}
 
     def _generate(self, proposer: LM, contexts: Sequence[str], rng: np.random.Generator) -> list[str]:

@@ -57,26 +57,26 @@ def example_text(task: Task, ex: Example) -> str:
     return " ".join(ex.inputs[f] for f in task.fields if f not in _NO_FEWSHOT)
 
 
-def error_block(task: Task, errors: Sequence[tuple[Example, int]]) -> str:
-    """Errors in the paper's format: text, gold label and the prompt's prediction."""
+def error_block(task: Task, errors: Sequence[tuple[Example, object]]) -> str:
+    """Errors in the paper's format: text, gold label and the prompt's prediction (on a
+    generative task, the gold answer and what the model wrote)."""
     blocks = []
     for i, (ex, pred) in enumerate(errors, 1):
-        choices = task.choices(ex)
         blocks.append(
             f"## Example {i}\nText: \"{example_text(task, ex)}\"\n"
-            f"Label: {choices[ex.label].strip()}\nPrediction: {choices[pred].strip()}"
+            f"Label: {task.answer_text(ex)}\nPrediction: {task.shown(pred, ex)}"
         )
     return "\n".join(blocks)
 
 
 def sample_errors(
-    examples: Sequence[Example], preds: np.ndarray, k: int, rng: np.random.Generator
-) -> list[tuple[Example, int]]:
+    task: Task, examples: Sequence[Example], preds: np.ndarray, k: int, rng: np.random.Generator
+) -> list[tuple[Example, object]]:
     """Up to ``k`` random (example, wrong prediction) pairs, in minibatch order."""
-    wrong = [i for i, ex in enumerate(examples) if preds[i] != ex.label]
+    wrong = [i for i, ex in enumerate(examples) if not task.is_correct(preds[i], ex)]
     if len(wrong) > k:
         wrong = sorted(rng.choice(wrong, size=k, replace=False).tolist())
-    return [(examples[i], int(preds[i])) for i in wrong]
+    return [(examples[i], preds[i]) for i in wrong]
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class ProTeGi:
         """Sampled errors of every beam member on one shared train minibatch (one scorer call)."""
         batch = subsample(task.train, self.minibatch, rng)
         preds = predict_many(task, beam, batch, scorer)
-        return [sample_errors(batch, preds[j], self.n_errors, rng) for j in range(len(beam))]
+        return [sample_errors(task, batch, preds[j], self.n_errors, rng) for j in range(len(beam))]
 
     def _generate(
         self, proposer: LM, contexts: list[str], n: int, rng: np.random.Generator

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from methods.evaluate import predictions, requests_for, score_prompts, subsample
+from methods import evaluate
+from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, TextPrompt
 from tasks.core import Example, Task
+from tasks.generative import is_generative
 
 # ``pull(arms, reps)`` -> the score of each arm on one fresh minibatch of ``reps`` pulls' worth
 # of examples, all arms in one scorer call.
@@ -32,22 +34,16 @@ def fixed_dev(task: Task, n_eval: int) -> tuple[Example, ...]:
     return subsample(task.dev, n_eval, np.random.default_rng(0))
 
 
-def predict_many(
-    task: Task, instructions: Sequence[str], examples: Sequence[Example], scorer: LM
-) -> np.ndarray:
-    """Predicted label ids of every instruction on every example, in one scorer call.
+def predict_many(task, instructions: Sequence[str], examples: Sequence, scorer: LM) -> list[np.ndarray]:
+    """Every instruction's predictions on every example, in one scorer call.
 
     Returns:
-        int64 array ``[len(instructions), len(examples)]``.
+        one array ``[len(examples)]`` per instruction: label ids (int64), or a generative
+        task's outputs (object).
     """
-    if not instructions or not examples:
-        return np.zeros((len(instructions), len(examples)), dtype=np.int64)
-    requests = [r for text in instructions for r in requests_for(task, TextPrompt(text), examples)]
-    loglik = scorer.loglikelihood(requests)
-    per = len(requests) // len(instructions)
-    return np.stack(
-        [predictions(task, examples, loglik[j * per : (j + 1) * per]) for j in range(len(instructions))]
-    )
+    rows = evaluate.predict_many(task, [TextPrompt(t) for t in instructions], examples, scorer)
+    dtype = object if is_generative(task) else np.int64
+    return [np.array(row, dtype=dtype) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,7 @@ def successive_halving(
     if min_examples < 1 or eta < 2:
         raise ValueError(f"successive halving needs min_examples >= 1 and eta >= 2, got {min_examples}, {eta}")
     n = len(texts)
-    preds = [np.zeros(0, dtype=np.int64) for _ in range(n)]
+    preds = [np.zeros(0, dtype=object if is_generative(task) else np.int64) for _ in range(n)]
     alive, done, calls = list(range(n)), 0, 0
     while alive and done < len(dev):
         # a lone survivor has nothing left to race: it goes straight to the full subset

@@ -66,7 +66,7 @@ def demo_block(task: Task, examples: Sequence[Example], output_name: str = "Outp
     lines = []
     for ex in examples:
         text = " ".join(ex.inputs[f] for f in task.fields if f not in _SCAFFOLD)
-        lines.append(f"Input: {text}\n{output_name}:{task.choices(ex)[ex.label]}")
+        lines.append(f"Input: {text}\n{output_name}: {task.answer_text(ex)}")
     return "\n\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """The Ray actor that holds one frozen LM and serves every trial of a sweep.
 
 Concurrent trials send their batches independently; the actor coalesces the
-log-likelihood batches that arrive while it is busy into one backend call, so a replica
-sees few large batches instead of many small ones. All model work runs on one executor
+log-likelihood batches (and the greedy generation batches of equal settings) that arrive
+while it is busy into one backend call, so a replica sees few large batches instead of many
+small ones. All model work runs on one executor
 thread: two forward passes competing for the same cores only slow each other down.
 
 The model is loaded lazily, by the first request that needs it: a sweep whose every
@@ -74,8 +75,8 @@ class LMActor:
         self._load_error = ""  # a failed load is not retried: every later request gets the same error
         self._load_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._pending: list[tuple[list, asyncio.Future]] = []
-        self._worker: asyncio.Task | None = None
+        self._pending: dict[tuple, list[tuple[list, asyncio.Future]]] = {}  # per kind of call
+        self._workers: dict[tuple, asyncio.Task] = {}
         self._coalesce_s = coalesce_ms / 1000.0
         self._stats = {"calls": 0, "requests": 0, "batches": 0, "busy_s": 0.0, "loads": 0, "load_s": 0.0}
 
@@ -126,39 +127,54 @@ class LMActor:
     async def loglikelihood(self, requests: list) -> dict:
         """``{"result": float64 [n], "tokens": int}`` for ``methods.lm.Request`` s; tokens counts each
         distinct context once."""
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((list(requests), fut))
-        self._stats["calls"] += 1
-        self._stats["requests"] += len(requests)
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain())
-        scores = await fut
+        scores = await self._coalesced(("ll",), list(requests), lambda b, reqs: b.loglikelihood(reqs))
         texts = list(dict.fromkeys(r.context for r in requests)) + [r.continuation for r in requests]
         return {"result": scores, "tokens": await self._call(_count_tokens, texts)}
 
-    async def _drain(self) -> None:
-        """Serve pending batches until the queue is empty, merging what has piled up."""
+    async def generate(self, contexts: list, **kwargs) -> dict:
+        """``{"result": completions, "tokens": prompt plus generated tokens}``.
+
+        Greedy calls without a spliced prompt are merged with other trials' greedy calls of the
+        same settings (one backend call, one shared-prefix plan); sampled calls run alone,
+        since a sample's random stream depends on its place in its call.
+        """
+        contexts = list(contexts)
+        if kwargs.get("temperature", 1.0) <= 0 and kwargs.get("prompt") is None:
+            key = ("gen", kwargs.get("max_new_tokens"), tuple(kwargs.get("stop", ())), kwargs.get("n", 1))
+            out = await self._coalesced(key, contexts, lambda b, ctx: b.generate(ctx, **kwargs))
+        else:
+            out = await self._call(lambda b: b.generate(contexts, **kwargs))
+        texts = contexts + [s for row in out for s in row]
+        return {"result": out, "tokens": await self._call(_count_tokens, texts)}
+
+    async def _coalesced(self, key: tuple, items: list, run: Callable[[Any, list], Any]) -> list:
+        """``run(backend, items)``, merged with the calls of the same ``key`` that queue meanwhile."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(key, []).append((items, fut))
+        self._stats["calls"] += 1
+        self._stats["requests"] += len(items)
+        worker = self._workers.get(key)
+        if worker is None or worker.done():
+            self._workers[key] = asyncio.create_task(self._drain(key, run))
+        return await fut
+
+    async def _drain(self, key: tuple, run: Callable[[Any, list], Any]) -> None:
+        """Serve ``key``'s pending calls until none is left, merging what has piled up."""
         await asyncio.sleep(self._coalesce_s)
-        while self._pending:
-            batch, self._pending = self._pending, []
-            requests = [r for reqs, _ in batch for r in reqs]
+        while self._pending.get(key):
+            batch = self._pending.pop(key)
+            flat = [x for items, _ in batch for x in items]
             try:
-                scores = await self._call(lambda b: b.loglikelihood(requests))
+                result = await self._call(lambda b: run(b, flat))
             except Exception as err:  # every waiting caller gets the error, not a hang
                 for _, fut in batch:
                     fut.set_exception(err)
                 continue
             i = 0
-            for reqs, fut in batch:
-                fut.set_result(scores[i : i + len(reqs)])
-                i += len(reqs)
+            for items, fut in batch:
+                fut.set_result(result[i : i + len(items)])
+                i += len(items)
             self._stats["batches"] += 1
-
-    async def generate(self, contexts: list, **kwargs) -> dict:
-        """``{"result": completions, "tokens": prompt plus generated tokens}``."""
-        out = await self._call(lambda b: b.generate(contexts, **kwargs))
-        texts = list(contexts) + [s for row in out for s in row]
-        return {"result": out, "tokens": await self._call(_count_tokens, texts)}
 
     async def prompt_grad(self, requests: list, prompt: Any) -> dict:
         """``{"result": (loss, grad), "tokens": int}``."""

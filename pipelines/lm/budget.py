@@ -170,11 +170,12 @@ class BudgetedLM:
         self._charge(before)
         return out
 
-    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=(), prompt=None):
         contexts = list(contexts)
         before = self._check()
+        extra = {} if prompt is None else {"prompt": prompt}
         out = self.inner.generate(
-            contexts, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed, stop=stop
+            contexts, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed, stop=stop, **extra
         )
         # The actor counts prompt and generated tokens together; split them by characters.
         # A sampling backend that sends one request per sample pays for the prompt n times.

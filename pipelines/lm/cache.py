@@ -9,12 +9,15 @@ the same sweep, therefore cost no new model calls. Every other call passes throu
 What is cached:
     - ``loglikelihood``: per request, keyed by context, continuation and the spliced token
       or soft prompt (its exact bytes). Scores are deterministic, so any caller may reuse them.
-    - ``generate``: per whole call, and only when it is reproducible: greedy
-      (``temperature == 0``), or sampled with an explicit ``seed``. The backend derives each
-      sample's random stream from the seed and the request's place in the call (and the
-      pool's replica count), so the same call with the same seed is the same draw; a cached
-      one stays that draw even if the pool changes. A sampled call with ``seed=None`` always
-      goes to the model (fresh samples are what the caller asked for).
+    - greedy ``generate`` (``temperature == 0``): per context, keyed by the context, the
+      decoding settings and the spliced prompt, like scoring: two methods (or two trials) that
+      render the same prompt for the same example share one generation, and a call sends only
+      the contexts nobody has generated yet.
+    - sampled ``generate``: per whole call, and only with an explicit ``seed``. The backend
+      derives each sample's random stream from the seed and the request's place in the call
+      (and the pool's replica count), so the same call with the same seed is the same draw; a
+      cached one stays that draw even if the pool changes. A sampled call with ``seed=None``
+      always goes to the model (fresh samples are what the caller asked for).
     - ``prompt_grad`` is training, never cached.
 
 The cache is never invalidated: a key names everything the answer depends on. Delete the
@@ -228,12 +231,16 @@ class CachedLM:
         self.usage.cache_tokens += float(sum(tokens))
         self.usage.cache_calls += int(whole_call)
 
-    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=(), prompt=None):
         contexts = list(contexts)
         call = dict(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed, stop=tuple(stop))
+        if prompt is not None:
+            call["prompt"] = prompt
         if not contexts or (temperature > 0 and seed is None):  # fresh samples were asked for
             return self.inner.generate(contexts, **call)
-        settings = [max_new_tokens, float(temperature), n, seed if temperature > 0 else None, list(stop)]
+        if temperature <= 0:
+            return self._greedy(contexts, call, n)
+        settings = [max_new_tokens, float(temperature), n, seed, list(stop), prompt_id(prompt)]
         key = _digest("gen", self.model_key, contexts, settings)
         hit = self.store.get_many([key]).get(key)
         if hit is not None:
@@ -243,3 +250,21 @@ class CachedLM:
         out = self.inner.generate(contexts, **call)
         self.store.put_many([(key, out, self.usage.tokens - before)])
         return out
+
+    def _greedy(self, contexts: list[str], call: dict, n: int) -> list[list[str]]:
+        """Greedy completions, one cache entry per distinct context; only the misses are generated."""
+        settings = [call["max_new_tokens"], list(call["stop"]), prompt_id(call.get("prompt"))]
+        keys = [_digest("greedy", self.model_key, c, settings) for c in contexts]
+        found = self.store.get_many(keys)
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        self._count_hits([found[k][1] for k in keys if k in found], whole_call=not missing)
+        if missing:
+            first = {k: c for k, c in zip(keys, contexts)}
+            todo = [first[k] for k in missing]
+            before = self.usage.tokens
+            outs = self.inner.generate(todo, **{**call, "n": 1})
+            tokens = _spread(self.usage.tokens - before, [len(c) + len(o[0]) for c, o in zip(todo, outs)])
+            new = [(k, o[0], t) for k, o, t in zip(missing, outs, tokens)]
+            self.store.put_many(new)
+            found.update((k, (v, t)) for k, v, t in new)
+        return [[found[k][0]] * n for k in keys]

@@ -110,8 +110,9 @@ class RayLM:
         refs = [h.loglikelihood.remote(requests[s]) for h, s in zip(self.handles, parts)]
         return np.concatenate([np.asarray(r, dtype=np.float64) for r in self._gather(refs)])
 
-    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=(), prompt=None):
         contexts = list(contexts)
+        extra = {} if prompt is None else {"prompt": prompt}
         self.usage.requests += len(contexts) * n
         if not contexts:
             return []
@@ -121,7 +122,7 @@ class RayLM:
         refs = [
             h.generate.remote(
                 contexts[s], max_new_tokens=max_new_tokens, temperature=temperature, n=n,
-                seed=None if seed is None else seed + 7919 * i, stop=tuple(stop),
+                seed=None if seed is None else seed + 7919 * i, stop=tuple(stop), **extra,
             )
             for i, (h, s) in enumerate(zip(self.handles, parts))
         ]
