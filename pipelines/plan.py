@@ -26,7 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.lm import budget, cache
 from pipelines.lm.stack import backend_capabilities
+from methods.lm import GENERATE
 from tasks.core import Task, TaskError, data_warnings
+from tasks.generative import is_generative
 
 ROLES = ("scorer", "proposer")
 SCHEDULERS = ("fifo", "asha", "pbt")
@@ -133,15 +135,33 @@ def build_all(specs: list[dict], caps: dict[str, frozenset[str]], choices: dict)
     Returns:
         the built tasks by :func:`task_key`.
     """
+    methods = {}
     for spec in {s["method_name"]: s for s in specs}.values():
         method = _built(spec["method_name"], lambda: hydra.utils.instantiate(spec["method"], _convert_="all"))
         check_needs(spec["method_name"], method, caps, choices)
+        methods[spec["method_name"]] = method
     tasks: dict[str, Task] = {}
     for spec in specs:
         key = task_key(spec)
         if key not in tasks:
             tasks[key] = _built(f"task {spec['task_name']}", lambda: _task(key))
+        check_fit(spec["method_name"], methods[spec["method_name"]], tasks[key], caps, choices)
     return tasks
+
+
+def check_fit(name: str, method: Any, task: Any, caps: dict[str, frozenset[str]], choices: dict) -> None:
+    """A method that cannot run on this task (its own ``check_task`` says why), or a generative task
+    whose scorer cannot generate, fails here in one line."""
+    if is_generative(task) and GENERATE not in caps["scorer"]:
+        model = choices.get("model@lm.scorer") or "?"
+        raise UserError(f"task {task.name!r} is scored on generated answers, but model@lm.scorer={model} cannot "
+                        "generate; choose a model that can (smollm2, hf, openai)")
+    check = getattr(method, "check_task", None)
+    if check is not None:
+        try:
+            check(task)
+        except ValueError as err:
+            raise UserError(f"{name} on task {task.name!r}: {err}") from err
 
 
 def _built(what: str, make):

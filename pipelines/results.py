@@ -5,6 +5,7 @@ Layout::
     RUN_DIR/config.yaml              resolved config, secrets redacted
     RUN_DIR/evaluations/<trial>.jsonl every candidate scored, written as it happens
     RUN_DIR/trials/<trial>.json      one trial's final result (written once, atomically)
+    RUN_DIR/outputs/<trial>.jsonl    the final prompt's prediction on every test example
     RUN_DIR/summary.json             every trial's result, plus failures
     RUN_DIR/evaluations.jsonl        all evaluation logs merged, after the sweep
 
@@ -21,6 +22,8 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from tasks.generative import is_generative
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -72,6 +75,38 @@ class EvalLog:
             tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in keep))
             os.replace(tmp, self.path)
         return len(records) - len(keep)
+
+
+_SCAFFOLD = ("shots", "header", "subject")  # shared few-shot text, not an example's own input
+
+
+def example_records(task, predictions) -> list[dict]:
+    """One record per test example: its input, what the prompt made of it, the gold, and the verdict.
+
+    On a generative task ``output`` is what the model wrote and ``answer`` what the task's
+    extractor read out of it; on a label task ``output`` is the predicted label word.
+    """
+    out = []
+    for ex, pred in zip(task.test, predictions):
+        text = "\n".join(v for k, v in ex.inputs.items() if k not in _SCAFFOLD)
+        rec = {"input": text, "output": task.shown(pred, ex)}
+        if is_generative(task):
+            rec["answer"] = task.extract(pred)
+            rec["gold"] = list(ex.answers)
+            rec["score"] = task.example_score(pred, ex)
+        else:
+            rec["gold"] = task.answer_text(ex)
+        rec["correct"] = bool(task.is_correct(pred, ex))
+        out.append(rec)
+    return out
+
+
+def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    """Write records as JSONL atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 def merge_evaluations(run_dir: Path) -> int:

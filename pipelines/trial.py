@@ -25,9 +25,10 @@ from pipelines.lm.budget import Budget, BudgetExhausted, Price
 from pipelines.lm.pool import connect
 from pipelines.lm.stack import RoleLM, role_lm
 from pipelines.plan import build
-from pipelines.results import EvalLog, write_json
+from pipelines.results import EvalLog, example_records, write_json, write_jsonl
 from pipelines.summary import format_params
 from tasks.core import Task
+from tasks.generative import is_generative
 
 CHECKPOINT_FILE = "trial.pkl"
 
@@ -182,6 +183,9 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         kind = "prefix" if isinstance(best, PrefixPrompt) else "soft_prompt"
         out = Path(ctx.run_dir) / "artifacts" / trial_id / kind
         result["artifact"] = scorer.unbudgeted.export_prompt(best, str(out))
+    outputs = Path(ctx.run_dir) / "outputs" / f"{trial_id}.jsonl"
+    write_jsonl(outputs, example_records(task, preds))
+    result["outputs"] = str(outputs.relative_to(ctx.run_dir))
     write_json(Path(ctx.run_dir) / "trials" / f"{trial_id}.json", result)
     print(f"[{_label(spec)}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
           f"test examples ({run['elapsed']:.0f}s)", flush=True)
@@ -194,7 +198,8 @@ def _label(spec: dict) -> str:
     return f"{spec['method_name']} seed={spec['seed']}" + (f" {sampled}" if sampled else "")
 
 
-def _groups(task: Task, preds: np.ndarray) -> dict[str, float]:
+def _groups(task: Task, preds) -> dict[str, float]:
+    preds = np.asarray(preds, dtype=object if is_generative(task) else None)
     groups = sorted({ex.group for ex in task.test if ex.group})
     out = {}
     for g in groups:

@@ -87,12 +87,12 @@ def test_sample_errors_and_error_block():
     batch = task.train[:10]
     preds = np.array([ex.label for ex in batch])
     preds[[1, 4, 7]] = 1 - preds[[1, 4, 7]]
-    errors = sample_errors(batch, preds, 2, np.random.default_rng(0))
+    errors = sample_errors(task, batch, preds, 2, np.random.default_rng(0))
     assert len(errors) == 2 and all(ex in (batch[1], batch[4], batch[7]) for ex, _ in errors)
     assert error_block(task, errors).count("## Example") == 2
     lm = PlantedLM()
     grid = predict_many(task, ["the banana", "decide label review sentiment carefully"], batch, lm)
-    assert grid.shape == (2, 10) and lm.calls == 1
+    assert np.shape(grid) == (2, 10) and lm.calls == 1
     assert (grid[1] == [ex.label for ex in batch]).all()
 
 
