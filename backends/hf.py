@@ -222,6 +222,8 @@ class HFBackend:
         elif prompt is not None:
             raise TypeError(f"generate takes a token, soft or prefix prompt, not {type(prompt).__name__}")
         keys = [self.encoder.context(c, spliced) for c in contexts]
+        extra = 0 if virtual is None else virtual.shape[0]
+        self._check_window(extra + max(map(len, keys), default=0) + max_new_tokens, "a prompt plus max_new_tokens")
         jobs = [(i, j) for i in range(len(contexts)) for j in range(draws)]
         rows = [Row(keys[i], [(len(keys[i]) - 1, 0, k)]) for k, (i, _) in enumerate(jobs)]
         groups = plan_groups(rows, self.min_prefix) if self.min_prefix > 0 else [Group(0, tuple(rows))]
@@ -291,12 +293,14 @@ class HFBackend:
 
         Past it, position embeddings extrapolate (or wrap) and the scores are quietly wrong.
         """
-        limit = getattr(self.config, "max_position_embeddings", None)
         extra = 0 if prefix is None else np.shape(prefix.key_values)[0]
-        longest = extra + max((len(c) + len(k) - 1 for c, k in zip(contexts, conts)), default=0)
-        if limit and longest > limit:
-            raise ValueError(f"a prompt of {longest} tokens exceeds the model's context of {limit} tokens; "
-                             "shorten the inputs (or the instruction)")
+        self._check_window(extra + max((len(c) + len(k) - 1 for c, k in zip(contexts, conts)), default=0), "a prompt")
+
+    def _check_window(self, tokens: int, what: str) -> None:
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and tokens > limit:
+            raise ValueError(f"{what} of {tokens} tokens exceeds the model's context of {limit} tokens; "
+                             "shorten the inputs (or the instruction, or max_new_tokens)")
 
     def _soft(self, table: np.ndarray | None) -> torch.Tensor | None:
         """The call's soft table as a tensor in the model's dtype, ``[rows, d_model]``."""

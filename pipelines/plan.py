@@ -223,16 +223,24 @@ def _load_group_yaml(group: str, name: str, search_dirs: list[Path]) -> dict:
 
 
 def trial_specs(cfg: DictConfig, search_dirs: list[Path], choices: dict) -> list[dict]:
-    """One spec per (method, seed): the grid Tune expands. ``choices`` are Hydra's group choices."""
+    """One spec per (task, method, seed): the grid Tune expands. ``choices`` are Hydra's group choices.
+
+    ``search.tasks`` (name -> overrides of the task config, e.g. ``{navigate: {task_name: navigate}}``)
+    runs every method on several variants of the task in one sweep; empty means the task alone.
+    """
     methods = list(dict.fromkeys(cfg.search.methods))
     if not methods:
         raise UserError("search.methods is empty: name at least one method")
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    task_name = choices.get("task") or "task"
+    base = OmegaConf.to_container(cfg.task, resolve=True)
+    raw = cfg.search.get("tasks")
+    variants = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else (raw or {})
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise UserError("search.tasks must map a name to task overrides, e.g. {navigate: {task_name: navigate}}")
+    tasks = {k: {**base, **v} for k, v in variants.items()} or {choices.get("task") or "task": base}
     configs = {m: method_config(m, cfg, search_dirs, choices.get("method")) for m in methods}
     return [
-        {"method_name": m, "method": configs[m], "task_name": task_name, "task": task, "seed": int(s)}
-        for m, s in itertools.product(methods, cfg.search.seeds)
+        {"method_name": m, "method": configs[m], "task_name": name, "task": task, "seed": int(s)}
+        for (name, task), m, s in itertools.product(tasks.items(), methods, cfg.search.seeds)
     ]
 
 

@@ -361,6 +361,31 @@ def _details_md(run: Run, task: str) -> list[str]:
     return out + [""]
 
 
+WRONG_SHOWN = 3  # wrong test answers shown per method
+
+
+def _wrong_md(run: Run, task: str) -> list[str]:
+    """A few test examples each method's best prompt got wrong, from the trial's saved outputs."""
+    out = []
+    for method, rows in _by_method(run.ok, task).items():
+        row = best_row(rows)
+        path = run.dir / str(row.get("outputs", ""))
+        if not row.get("outputs") or not path.is_file():
+            continue
+        wrong = [r for r in read_jsonl(path) if not r.get("correct")]
+        if not wrong:
+            continue
+        out += ["", f"**{md_cell(method, None)}** (seed {md_cell(row.get('seed'))}: {len(wrong)} wrong; "
+                f"all outputs in `{md_cell(row['outputs'], None)}`)", "",
+                md_table(["input", "output", "gold"], [[md_cell(r.get("input"), 80), md_cell(r.get("output"), 120),
+                                                         md_cell(_gold(r.get("gold")), 40)] for r in wrong[:WRONG_SHOWN]])]
+    return [f"### Wrong answers: {md_cell(task, None)}", *out, ""] if out else []
+
+
+def _gold(gold) -> str:
+    return " / ".join(map(str, gold)) if isinstance(gold, list) else str(gold)
+
+
 def _task_md(task: str, tables: dict[str, pd.DataFrame], plots: set[str]) -> list[str]:
     out = [f"## {md_cell(task, None)}", "", _summary_md(tables[f"summary/{task}"]), ""]
     for name, alt in ((_png("best_so_far", task), "best-so-far dev score"), (_png("test", task), "test metric")):
@@ -397,6 +422,8 @@ def render(run: Run, tables: dict[str, pd.DataFrame], plots: Sequence[Path]) -> 
     out += ["## Full best prompts", ""]
     for task in tasks:
         out += _details_md(run, task)
+    for task in tasks:
+        out += _wrong_md(run, task)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -25,6 +25,7 @@ from pipelines.plan import (
 from pipelines.results import merge_evaluations, trial_results, write_json
 from pipelines.summary import print_table
 from pipelines.trial import TrialContext, apply_samples, run_trial
+from tasks.generative import is_generative
 
 ACTOR_STATS = "lm_actors.json"  # what each LM actor did; folded into summary.json
 
@@ -180,9 +181,12 @@ def check_context(plan: Plan, scorer) -> None:
         if not examples:
             continue
         longest = max(examples, key=lambda ex: len(task.render(task.instruction, ex)))
-        request = Request(task.render(task.instruction, longest), max(task.choices(longest), key=len))
+        context = task.render(task.instruction, longest)
         try:
-            scorer.loglikelihood([request])
+            if is_generative(task):  # the backend counts the answer's max_new_tokens against the window
+                scorer.generate([context], max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.stop)
+            else:
+                scorer.loglikelihood([Request(context, max(task.choices(longest), key=len))])
         except ray.exceptions.RayTaskError as err:
             raise _model_error(err, f"task {names.get(key, '?')}") from err
 

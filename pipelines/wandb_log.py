@@ -39,9 +39,25 @@ def log_run(cfg: dict, rows: list[dict], run_dir: Path) -> None:
         for r in rows:
             if r.get("status") == "ok":
                 run.summary[f"{r['method']}/seed{r['seed']}/test_score"] = r["test_score"]
+        if outputs := output_rows(rows, run_dir):
+            run.log({"test_outputs": wandb.Table(columns=OUTPUT_COLUMNS, data=outputs)})
         log_prompt_artifacts(run, rows)
     finally:
         run.finish()
+
+
+OUTPUT_COLUMNS = ["method", "task", "seed", "input", "output", "answer", "gold", "correct"]
+
+
+def output_rows(rows: list[dict], run_dir: Path) -> list[list]:
+    """Every finished trial's per-example test outputs (``outputs/<trial>.jsonl``) as table rows."""
+    out = []
+    for r in rows:
+        if r.get("status") == "ok" and r.get("outputs") and (run_dir / r["outputs"]).is_file():
+            for rec in read_jsonl(run_dir / r["outputs"]):
+                out.append([r.get("method"), r.get("task"), r.get("seed"), rec.get("input"), rec.get("output"),
+                            rec.get("answer"), str(rec.get("gold")), rec.get("correct")])
+    return out
 
 
 def log_prompt_artifacts(run, rows: list[dict]) -> None:

@@ -132,3 +132,33 @@ def test_requests_the_cache_answers_load_no_model(local_ray, tmp_path):
     assert stats["loaded"] is False and stats["loads"] == 0 and _builds(second_marker) == 0
     again.loglikelihood(Request.batch([("a new request", " x")]))  # a miss loads the model after all
     assert ray.get(handles[0].stats.remote())["loads"] == 1 and _builds(second_marker) == 1
+
+
+class SlowGenerator(CountingBackend):
+    """Greedy generation that takes ``gen_s`` per call and logs each call's batch size to ``marker``."""
+
+    def __init__(self, marker: str, gen_s: float = 0.3) -> None:
+        self.marker, self.gen_s = marker, gen_s
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        with open(self.marker, "a") as f:
+            f.write(f"{len(contexts)}\n")
+        time.sleep(self.gen_s)
+        return [[c[::-1][:max_new_tokens]] * n for c in contexts]
+
+
+def test_greedy_generation_of_concurrent_callers_is_merged_into_one_backend_call(local_ray, tmp_path):
+    marker = tmp_path / "calls"
+    actor = LMActor.remote({"_target_": f"{__name__}.SlowGenerator", "marker": str(marker)}, role="scorer")
+    ray.get(actor.load.remote())  # a started actor: the first call runs as soon as it arrives
+    lm = RayLM([actor])
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(lm.generate, ["first"], max_new_tokens=3, temperature=0.0)
+        time.sleep(0.15)  # the first call is running: the next three queue behind it
+        rest = [pool.submit(lm.generate, [f"ctx{i}", f"more{i}"], max_new_tokens=3, temperature=0.0) for i in range(3)]
+        sampled = pool.submit(lm.generate, ["sampled"], max_new_tokens=3, temperature=1.0, seed=1)
+        assert first.result() == [["tsr"]]
+        assert [f.result() for f in rest] == [[[f"{i}xt"], [f"{i}er"]] for i in range(3)]  # each caller its own rows
+        assert sampled.result() == [["del"]]
+    sizes = [int(x) for x in marker.read_text().split()]
+    assert sorted(sizes) == [1, 1, 6], sizes  # the greedy calls merged; the sampled one ran alone

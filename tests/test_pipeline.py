@@ -148,3 +148,24 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, data_dir):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert not run_dir.exists()
+
+
+def test_a_generative_task_saves_every_test_output_and_reports_wrong_answers(tmp_path):
+    rows = [{"word": w, "answer": w[::-1]} for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx")]
+    data = tmp_path / "reverse.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    proc = run_cli("model=tiny", "task=custom_gen", f"task.path={data}", "task.input_fields=[word]",
+                   "task.output_field=answer", "task.n_train=4", "task.n_dev=4", "task.max_new_tokens=4",
+                   "method=ape", "method.n_prompts=2", "method.n_eval=4", "search.max_steps=1",
+                   "cache.enabled=false", "logger=none", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = json.loads((run_dir / "summary.json").read_text())["trials"]
+    assert sorted(r["method"] for r in trials) == ["ape", "manual"]
+    for r in trials:
+        saved = read_jsonl(run_dir / r["outputs"])
+        assert [s["input"] for s in saved] == sorted(s["input"] for s in saved) and len(saved) == r["n_test"] == 4
+        assert r["test_score"] == pytest.approx(sum(s["score"] for s in saved) / len(saved))
+        assert all({"output", "answer", "gold", "correct"} <= set(s) for s in saved)
+    report = (run_dir / "report.md").read_text()
+    assert "Wrong answers" in report or all(s["correct"] for r in trials for s in read_jsonl(run_dir / r["outputs"]))
