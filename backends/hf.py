@@ -28,6 +28,7 @@ from methods.lm import CAPABILITIES, PrefixPrompt, Request, SoftPrompt, SplicedP
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
 MAX_GEN_ROWS = 64  # rows decoded together: past this a step's matmuls gain little on a CPU or one GPU
+GEN_TOKEN_FACTOR = 8  # a generation batch's prompt tokens may be this many times a scoring batch's
 
 
 class HFBackend:
@@ -238,18 +239,17 @@ class HFBackend:
     def _generate_group(self, group: Group, jobs, seed, soft, virtual, max_new_tokens, temperature, stop) -> dict:
         """Completions of rows sharing ``group.prefix_len`` keys: the prefix runs once, the rest in batches.
 
-        Batches are sized by their prompt suffixes (decoding runs one token per row per step,
-        so rows are what a step's matmuls are made of, up to :data:`MAX_GEN_ROWS`).
+        Batches are made of rows, not tokens (see :func:`generation_batches`): decoding runs one
+        token per row per step, so rows are what a step's matmuls are made of.
         """
         start = group.prefix_len
         shared = self._prefix_kv(group.rows[0].keys[:start], soft, virtual) if start else virtual
         out = {}
-        for batch in batches(group.rows, suffix_length(start), self.max_batch_tokens):
-            for part in (batch[k : k + MAX_GEN_ROWS] for k in range(0, len(batch), MAX_GEN_ROWS)):
-                idx = [row.targets[0][2] for row in part]
-                gens = [sampling.row_generator(seed, *jobs[k], device=self.device) for k in idx]
-                texts = self._sample([row.keys[start:] for row in part], shared, soft, gens, max_new_tokens, temperature, stop)
-                out.update((jobs[k], t) for k, t in zip(idx, texts))
+        for part in generation_batches(group.rows, start, GEN_TOKEN_FACTOR * self.max_batch_tokens):
+            idx = [row.targets[0][2] for row in part]
+            gens = [sampling.row_generator(seed, *jobs[k], device=self.device) for k in idx]
+            texts = self._sample([row.keys[start:] for row in part], shared, soft, gens, max_new_tokens, temperature, stop)
+            out.update((jobs[k], t) for k, t in zip(idx, texts))
         return out
 
     def token_embeddings(self) -> np.ndarray:
@@ -470,3 +470,21 @@ def inputs_size(inputs: dict[str, torch.Tensor]) -> int:
     """Padded positions in a forward's inputs (ids ``[b, L]`` or embeddings ``[b, L, d]``)."""
     x = inputs.get("input_ids", inputs.get("inputs_embeds"))
     return int(x.shape[0] * x.shape[1])
+
+
+def generation_batches(rows: Sequence[Row], start: int, max_prompt_tokens: int) -> list[list[Row]]:
+    """Rows in suffix-length order, cut into batches of at most :data:`MAX_GEN_ROWS` rows and
+    ``max_prompt_tokens`` padded prompt tokens.
+
+    Unlike scoring batches these tolerate padding: the prompt runs once, but every decoding step
+    runs the whole batch, and a step of many rows costs little more than a step of one (it reads
+    the same weights), so fewer, fuller batches win.
+    """
+    out: list[list[Row]] = []
+    for row in sorted(rows, key=suffix_length(start)):
+        n = len(row.keys) - start
+        if out and len(out[-1]) < MAX_GEN_ROWS and (len(out[-1]) + 1) * n <= max_prompt_tokens:
+            out[-1].append(row)
+        else:
+            out.append([row])
+    return out

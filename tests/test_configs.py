@@ -64,3 +64,13 @@ def test_model_shorthand_sets_both_roles():
     assert expand_model_shorthand(["task=mmlu", "model=smollm2"]) == [
         "task=mmlu", "model@lm.scorer=smollm2", "model@lm.proposer=smollm2"]
     assert expand_model_shorthand(["model@lm.scorer=hf"]) == ["model@lm.scorer=hf"]
+
+
+def test_search_tasks_runs_every_method_on_each_task_variant():
+    cfg = composed("+experiment=ii_ape", "data_dir=/unused")
+    specs = specs_of(cfg)
+    assert len(specs) == 6 * 2  # six tasks x (manual, ape) x one seed
+    assert all(s["task"]["task_name"] == s["task_name"] for s in specs)
+    assert {s["task"]["_target_"] for s in specs} == {"tasks.gen_loaders.ii"}
+    gpu = specs_of(composed("+experiment=ii_ape_gpu", "data_dir=/unused"))
+    assert len({s["task_name"] for s in gpu}) == 24  # the twin's tasks add to the CPU six
