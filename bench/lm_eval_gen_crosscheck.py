@@ -76,6 +76,7 @@ def lm_eval_configs(data_dir: Path, bbh_task: str, math, bbh) -> dict[str, dict]
             "description": f"{bbh.instruction}\n\n{shots}", "doc_to_text": "Q: {{input}}\nA:",
             "doc_to_target": "{{target}}",
             "generation_kwargs": {**until, "until": list(bbh.stop), "max_gen_toks": bbh.max_new_tokens},
+            "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                              "ignore_case": True, "ignore_punctuation": False}],
             "metadata": {"version": 1.0},

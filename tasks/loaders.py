@@ -338,11 +338,16 @@ def table(
     format: str = "auto",
     name: str = "custom",
     encoding: str = "utf-8",
+    dev_path: str | None = None,
+    test_path: str | None = None,
 ) -> Task:
     """A classification task from a user's CSV, TSV (header row) or JSONL file, split by ``seed``.
 
+    With ``dev_path`` and ``test_path`` (most datasets ship split), ``path`` is the train file
+    and each split is drawn from its own file.
+
     Args:
-        path: the file; relative paths resolve against the current working directory.
+        path: the (train) file; relative paths resolve against the current working directory.
         text_fields: columns that go into the prompt, each a ``{field}`` of the template.
         label_field: the column holding the label.
         label_words: continuation per label id, e.g. ``[" negative", " positive"]``.
@@ -357,23 +362,35 @@ def table(
         format: ``auto`` (from the suffix: .csv, .tsv/.tab, .jsonl/.ndjson), csv, tsv, jsonl.
         name: the task's name in results.
         encoding: the file's text encoding.
+        dev_path, test_path: separate dev and test files (give both or neither); ``n_dev`` and
+            ``n_test`` then draw from them (0: all of it).
 
     Raises:
         TaskError: one line naming the file, column, value or line at fault.
     """
+    if (dev_path is None) != (test_path is None):
+        raise TaskError("give both dev_path and test_path (separate split files), or neither (one file split by seed)")
     fields = table_fields(text_fields, label_field)
-    rows = read_table(path, format, encoding)
-    check_columns(path, rows, [*fields, label_field])
     ids = label_ids(tuple(label_words), labels)
     template = _default_template(fields) if template is None else template
     check_template(template, fields)
-    examples = [table_example(row, fields, label_field, ids, path, line_no) for line_no, row in rows]
+
+    def load(file: str) -> list[Example]:
+        rows = read_table(file, format, encoding)
+        check_columns(file, rows, [*fields, label_field])
+        return [table_example(row, fields, label_field, ids, file, line_no) for line_no, row in rows]
+
+    examples = load(path)
     present = {ex.label for ex in examples}
     if len(present) < 2:
         (only,) = present
         raise TaskError(f"{path}: every row has label {label_words[only].strip()!r}; a classification task "
                         f"needs rows of at least two of {[w.strip() for w in label_words]}")
-    splits = seeded_split(examples, [n_train, n_dev, n_test or None], seed, path)
+    if dev_path is None:
+        splits = seeded_split(examples, [n_train, n_dev, n_test or None], seed, path)
+    else:
+        splits = [draw(exs, n, seed, f) for exs, n, f in
+                  ((examples, n_train, path), (load(dev_path), n_dev, dev_path), (load(test_path), n_test, test_path))]
     require_splits(splits, path)
     if instruction is None:
         words = ", ".join(w.strip() for w in label_words)

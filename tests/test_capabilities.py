@@ -82,3 +82,23 @@ def test_the_cli_refuses_autoprompt_on_an_endpoint_in_seconds(tmp_path):
     ]
     assert "Ray" not in out.stdout and not Path(tmp_path / "run").exists()
     assert time.perf_counter() - start < 60
+
+
+def test_a_generative_task_needs_a_scorer_that_generates_and_a_method_that_fits():
+    from methods.autoprompt import AutoPrompt
+    from methods.manual import Manual
+    from pipelines.plan import check_fit
+    from tasks.generative import GenExample, GenTask
+
+    exs = (GenExample({"q": "2+2"}, ("4",)),)
+    task = GenTask("math", "{instruction} Q: {q} A:", "", exs, exs, exs, metric="numeric")
+    scoring_only = {"scorer": frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS}), "proposer": CAPABILITIES}
+    with pytest.raises(UserError) as err:
+        check_fit("manual", Manual(), task, scoring_only, {"model@lm.scorer": "masked"})
+    assert str(err.value) == ("task 'math' is scored on generated answers, but model@lm.scorer=masked cannot "
+                              "generate; choose a model that can (smollm2, hf, openai)")
+    every = {"scorer": CAPABILITIES, "proposer": CAPABILITIES}
+    check_fit("manual", Manual(), task, every, {})
+    check_fit("autoprompt", AutoPrompt(), task, every, {})  # nll: trains on the gold answer
+    with pytest.raises(UserError, match="autoprompt on task 'math': objective=accuracy needs label scoring"):
+        check_fit("autoprompt", AutoPrompt(objective="accuracy"), task, every, {})

@@ -220,3 +220,36 @@ def test_methods_score_a_generative_task_by_its_metric_on_greedy_outputs_in_one_
     block = error_block(task, errors)
     assert "Label: hen" in block and "Prediction: fox" in block  # the model's own output is shown
     assert outputs(task, TextPrompt("Say it."), [], lm) == []
+
+
+class SpyLM:
+    """Forwards to a backend and records, per ``generate`` call, the kind of prompt it carried."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.prompts = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, contexts, **kw):
+        self.prompts.append(type(kw.get("prompt")).__name__)
+        return self.inner.generate(contexts, **kw)
+
+
+@pytest.mark.parametrize("method", ["soft_prompt", "prefix", "autoprompt"])
+def test_gradient_methods_train_on_the_gold_answer_and_are_evaluated_by_generation(tiny, method):
+    from methods.autoprompt import AutoPrompt, label_requests
+    from methods.soft_prompt import SoftPromptTuning
+
+    task = _task([(w, [w[::-1]]) for w in ("ab", "cd", "ef", "gh", "ij", "kl")], template="{instruction} Q: {q} A:",
+                 max_new_tokens=3)
+    assert label_requests(task, task.train[:1])[0] == (f"{PROMPT_SLOT} Q: ab A:", " ba")
+    built = {"soft_prompt": SoftPromptTuning(n_virtual=2, eval_every=1, batch_size=4, init_text="Reverse."),
+             "prefix": SoftPromptTuning(n_virtual=2, space="prefix", eval_every=1, batch_size=4, init_text="Reverse."),
+             "autoprompt": AutoPrompt(n_triggers=2, n_candidates=4, batch_size=4, eval_every=1)}[method]
+    lm, rng = SpyLM(tiny), np.random.default_rng(0)
+    state = built.init(task, lm, lm, rng)
+    state, report = built.step(state, task, lm, lm, rng)
+    assert 0.0 <= report.metrics["dev_score"] <= 1.0 and report.evaluated
+    expected = {"soft_prompt": "SoftPrompt", "prefix": "PrefixPrompt", "autoprompt": "TokenPrompt"}[method]
+    assert lm.prompts == [expected]  # the dev evaluation generated, under the trained prompt

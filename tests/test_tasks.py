@@ -13,6 +13,7 @@ import pytest
 
 from tasks import loaders
 from tasks.core import Example, Task, TaskError
+from tasks.generative import GenTask
 from tasks.sources import seeded_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,6 +296,18 @@ def test_table_csv(tmp_path):
     assert not ids(task.train) & ids(task.dev)
 
 
+def test_table_reads_separate_split_files(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [("great fun", "pos"), ("dull, slow", "neg")] * 3)
+    dev = write_csv(tmp_path / "dev.csv", [("fine", "pos"), ("bad", "neg")])
+    test = write_csv(tmp_path / "test.csv", [("lovely", "pos"), ("awful", "neg"), ("grim", "neg")])
+    task = table(train, n_train=0, n_dev=0, dev_path=str(dev), test_path=str(test))
+    assert (len(task.train), len(task.dev), len(task.test)) == (6, 2, 3)
+    assert [e.inputs["review"] for e in task.test] == ["lovely", "awful", "grim"]
+    assert [e.label for e in task.test] == [1, 0, 0]
+    with pytest.raises(TaskError, match="both dev_path and test_path"):
+        table(train, test_path=str(test))
+
+
 def test_table_jsonl_labels_as_ids_or_words(tmp_path):
     rows = [{"q": f"question {i}", "ctx": "c", "y": i % 3} for i in range(12)]
     words = [" A", " B", " C"]
@@ -389,13 +402,18 @@ def test_task_yaml_instantiates(name, data_dir, tmp_path):
     if name == "custom":
         path = write_jsonl(tmp_path / "mine.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(300)])
         overrides.append(f"task.path='{path}'")
+    elif name == "custom_gen":
+        path = write_jsonl(tmp_path / "mine.jsonl", [{"input": f"t{i}", "output": f"o{i}"} for i in range(300)])
+        overrides.append(f"task.path='{path}'")
     elif "n_train" in (CONF_TASK / f"{name}.yaml").read_text() and not name.startswith("bbh"):
         overrides += ["task.n_train=8", "task.n_dev=8"]
     with initialize_config_dir(config_dir=str(CONF_TASK.parent), version_base="1.3"):
         cfg = compose(overrides=overrides)
     task = instantiate(cfg.task)
-    assert isinstance(task, Task) and task.train and task.dev and task.test
-    assert task.render("INSTRUCTION", task.test[0]).startswith("INSTRUCTION")
+    assert isinstance(task, (Task, GenTask)) and task.train and task.dev and task.test
+    rendered = task.render("INSTRUCTION", task.test[0])
+    # the instruction leads, except where a generative task puts it at the start of the answer
+    assert rendered.splitlines()[0].endswith("INSTRUCTION") or rendered.endswith("A: INSTRUCTION")
     if name == "mmlu_cpu":
         assert {e.group for e in task.dev} == {
             "abstract_algebra", "high_school_geography", "marketing", "us_foreign_policy", "world_religions"
