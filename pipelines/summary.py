@@ -52,8 +52,10 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def print_table(rows: Sequence[dict], run_dir: Path, wall_s: float) -> None:
-    tasks = sorted({r.get("task", "?") for r in rows})
-    n_test = {r.get("n_test") for r in rows if r.get("n_test")}
-    print(f"\n== promptsweep: {', '.join(tasks)} (test n={'/'.join(map(str, n_test)) or '?'}) ==")
-    print(format_table(rows))
+    """One table per task (a sweep over ``search.tasks`` has several), then where the results are."""
+    for task in sorted({r.get("task", "?") for r in rows}):
+        mine = [r for r in rows if r.get("task", "?") == task]
+        n_test = sorted({r.get("n_test") for r in mine if r.get("n_test")})
+        print(f"\n== promptsweep: {task} (test n={'/'.join(map(str, n_test)) or '?'}) ==")
+        print(format_table(mine))
     print(f"\nrun directory: {run_dir}\nsweep wall time: {wall_s:.0f}s", flush=True)

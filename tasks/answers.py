@@ -100,6 +100,11 @@ def token_f1(prediction: str | None, gold: str) -> float:
     pred, ref = _tokens(prediction), _tokens(gold)
     if not pred or not ref:
         return float(pred == ref)
+    return _f1(pred, ref)
+
+
+def _f1(pred: list[str], ref: list[str]) -> float:
+    """Harmonic mean of token precision and recall (0.0 when nothing is shared)."""
     common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
         return 0.0
@@ -134,12 +139,7 @@ def ape_em(prediction: str | None, gold: str) -> float:
 def ape_f1(prediction: str | None, gold: str) -> float:
     if prediction is None:
         return 0.0
-    pred, ref = ape_normalize(prediction).split(), ape_normalize(gold).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _f1(ape_normalize(prediction).split(), ape_normalize(gold).split())
 
 
 def ape_set(prediction: str | None, gold: str) -> float:

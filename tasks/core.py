@@ -90,13 +90,7 @@ class Task:
     fields: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        # Template order, not sorted: demos shown to proposers read like the prompt does.
-        names = list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.template) if f))
-        if "instruction" not in names:
-            raise TaskError(f"task {self.name!r}: template has no {{instruction}} slot")
-        if self.metric not in METRICS:
-            raise TaskError(f"task {self.name!r}: unknown metric {self.metric!r}; known: {sorted(METRICS)}")
-        object.__setattr__(self, "fields", tuple(n for n in names if n != "instruction"))
+        object.__setattr__(self, "fields", template_fields(self.name, self.template, self.metric, METRICS))
         check_label_words(self.verbalizer, f"task {self.name!r}")
         for split_name in ("train", "dev", "test"):
             self._check_split(split_name, getattr(self, split_name))
@@ -149,6 +143,17 @@ class Task:
         if name not in ("train", "dev", "test"):
             raise TaskError(f"unknown split {name!r}; expected train, dev or test")
         return getattr(self, name)
+
+
+def template_fields(name: str, template: str, metric: str, known: Mapping) -> tuple[str, ...]:
+    """A task template's fields other than ``{instruction}``, in template order (demos shown to
+    proposers then read like the prompt does); the slot and the metric name are checked."""
+    names = list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
+    if "instruction" not in names:
+        raise TaskError(f"task {name!r}: template has no {{instruction}} slot")
+    if metric not in known:
+        raise TaskError(f"task {name!r}: unknown metric {metric!r}; known: {sorted(known)}")
+    return tuple(n for n in names if n != "instruction")
 
 
 def check_label_words(words: Sequence[str], where: str) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from tasks.answers import gsm8k_gold
 from tasks.core import TaskError
 from tasks.generative import ANSWER_METRICS, GenExample, GenTask, qa_template
+from tasks.loaders import default_template
 from tasks.sources import (
     bbh_path,
     cell,
@@ -350,7 +351,7 @@ def gen_table(
     if (dev_path is None) != (test_path is None):
         raise TaskError("give both dev_path and test_path (separate split files), or neither (one file split by seed)")
     fields = table_fields(input_fields, output_field)
-    template = _default_template(fields) if template is None else template
+    template = default_template(fields, "Output") if template is None else template
     check_template(template, fields)
 
     def load(file: str) -> list[GenExample]:
@@ -377,7 +378,3 @@ def _gen_row(row: dict, fields: Sequence[str], output_field: str, path: str, lin
         raise TaskError(f"{path}:{line_no}: empty {output_field!r}; every row needs a gold answer")
     return GenExample(inputs=inputs, answers=golds)
 
-
-def _default_template(fields: Sequence[str]) -> str:
-    lines = "\n".join(f"{f.replace('_', ' ').capitalize()}: {{{f}}}" for f in fields)
-    return f"{{instruction}}\n\n{lines}\nOutput:"

@@ -12,7 +12,6 @@ Nothing here knows about models, Ray or configs.
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -20,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from tasks import answers
-from tasks.core import TaskError
+from tasks.core import TaskError, template_fields
 
 
 @dataclass(frozen=True)
@@ -107,15 +106,11 @@ class GenTask:
     fields: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        names = list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.template) if f))
-        if "instruction" not in names:
-            raise TaskError(f"task {self.name!r}: template has no {{instruction}} slot")
-        if self.metric not in ANSWER_METRICS:
-            raise TaskError(f"task {self.name!r}: unknown metric {self.metric!r}; known: {sorted(ANSWER_METRICS)}")
+        fields = template_fields(self.name, self.template, self.metric, ANSWER_METRICS)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise TaskError(f"task {self.name!r}: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "fields", tuple(n for n in names if n != "instruction"))
+        object.__setattr__(self, "fields", fields)
         for split_name in ("train", "dev", "test"):
             for i, ex in enumerate(getattr(self, split_name)):
                 missing = [f for f in self.fields if f not in ex.inputs]

@@ -372,7 +372,7 @@ def table(
         raise TaskError("give both dev_path and test_path (separate split files), or neither (one file split by seed)")
     fields = table_fields(text_fields, label_field)
     ids = label_ids(tuple(label_words), labels)
-    template = _default_template(fields) if template is None else template
+    template = default_template(fields) if template is None else template
     check_template(template, fields)
 
     def load(file: str) -> list[Example]:
@@ -401,8 +401,9 @@ def table(
     )
 
 
-def _default_template(fields: Sequence[str]) -> str:
+def default_template(fields: Sequence[str], answer: str = "Answer") -> str:
+    """``{instruction}``, a blank line, one ``Field: {field}`` line per column, then ``answer:``."""
     lines = "\n".join(f"{f.replace('_', ' ').capitalize()}: {{{f}}}" for f in fields)
-    return f"{{instruction}}\n\n{lines}\nAnswer:"
+    return f"{{instruction}}\n\n{lines}\n{answer}:"
 
 

@@ -4,7 +4,6 @@ and methods score candidates by the task metric on what the model wrote."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
