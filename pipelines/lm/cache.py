@@ -240,7 +240,9 @@ class CachedLM:
             return self.inner.generate(contexts, **call)
         if temperature <= 0:
             return self._greedy(contexts, call, n)
-        settings = [max_new_tokens, float(temperature), n, seed, list(stop), prompt_id(prompt)]
+        settings = [max_new_tokens, float(temperature), n, seed, list(stop)]
+        if prompt is not None:  # appended only when present, so keys stored before prompts existed stay valid
+            settings.append(prompt_id(prompt))
         key = _digest("gen", self.model_key, contexts, settings)
         hit = self.store.get_many([key]).get(key)
         if hit is not None:
