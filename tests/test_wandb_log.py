@@ -32,3 +32,21 @@ def test_soft_prompts_and_prefixes_become_typed_artifacts(tmp_path):
                                                        ("prefix_tuning-0-prefix", "prefix")]
     assert run.logged[1].metadata["test_score"] == 0.7
     assert "adapter_config.json" in run.logged[0].manifest.entries
+
+
+def test_every_finished_trials_test_outputs_become_table_rows(tmp_path):
+    import json
+
+    from pipelines.wandb_log import OUTPUT_COLUMNS, output_rows
+
+    (tmp_path / "outputs").mkdir()
+    recs = [{"input": "2+2", "output": "The answer is 4.", "answer": "4", "gold": ["4"], "correct": True},
+            {"input": "3+3", "output": "7", "answer": "7", "gold": ["6"], "correct": False}]
+    (tmp_path / "outputs" / "t0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = [{"status": "ok", "method": "opro", "task": "gsm8k", "seed": 0, "outputs": "outputs/t0.jsonl"},
+            {"status": "failed", "method": "ape", "task": "gsm8k", "seed": 0, "outputs": "outputs/t0.jsonl"},
+            {"status": "ok", "method": "manual", "task": "gsm8k", "seed": 0}]  # written before outputs existed
+    table = output_rows(rows, tmp_path)
+    assert len(OUTPUT_COLUMNS) == len(table[0])
+    assert table == [["opro", "gsm8k", 0, "2+2", "The answer is 4.", "4", "['4']", True],
+                     ["opro", "gsm8k", 0, "3+3", "7", "7", "['6']", False]]
