@@ -82,9 +82,10 @@ def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: 
     if plain["search"]["scheduler"] not in SCHEDULERS:
         raise UserError(f"unknown search.scheduler {plain['search']['scheduler']!r}; expected {', '.join(SCHEDULERS)}")
     n = len(specs) * int(plain["search"]["num_samples"])
+    task_names = ",".join(dict.fromkeys(spec["task_name"] for spec in specs))
     try:
         lines = (
-            f"[promptsweep] {n} trial(s): methods={list(plain['search']['methods'])} task={specs[0]['task_name']} "
+            f"[promptsweep] {n} trial(s): methods={list(plain['search']['methods'])} task={task_names} "
             f"seeds={list(plain['search']['seeds'])} -> {run_dir}",
             budget.projection(plain, n),
             cache.describe(plain.get("cache")),
