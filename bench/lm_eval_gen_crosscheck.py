@@ -3,15 +3,15 @@
 Usage:
     python bench/lm_eval_gen_crosscheck.py --lm-eval ~/.venvs/lm-eval/bin/lm_eval
         [--n 100] [--bbh-task boolean_expressions] [--gsm8k-tokens 128] [--data-dir ../shared/data]
-        [--model smollm2] [--batch-size 1]
+        [--model smollm2] [--batch-size 1] [--bbh-cot] [--bbh-tokens 0]
 
 Both sides read the same local files and model directory and decode greedily:
 
 * lm-eval: two ``generate_until`` tasks written to a temporary folder. GSM8K reads
   ``gsm8k/test.jsonl`` through the ``json`` builder, zero-shot, the instruction as the task
   description; BBH reads ``bbh/bbh/<task>.json`` (field ``examples``), answer-only, with the
-  task's 3 exemplars (cut to their answers, as ``tasks.gen_loaders.bbh_gen`` cuts them) in the
-  description. Same stop strings and token cap as ours. ``--limit`` takes the first N documents.
+  task's 3 exemplars (cut to their answers, as ``tasks.gen_loaders.bbh_gen`` cuts them, or worked
+  with ``--bbh-cot``) in the description. Same stop strings and token cap as ours. ``--limit`` takes the first N documents.
 * ours: ``HFBackend.generate`` on the same first N examples rendered by ``tasks.gen_loaders``,
   in one batched call per task (shared prefix, left-padded batches).
 
@@ -39,13 +39,14 @@ from bench.lm_eval_crosscheck import model_directory, run_lm_eval  # noqa: E402
 GSM8K_INSTRUCTION = "Solve the math problem step by step, then write 'The answer is' and the number."
 
 
-def tasks_for(data_dir: Path, bbh_task: str, gsm8k_tokens: int):
+def tasks_for(data_dir: Path, bbh_task: str, gsm8k_tokens: int, bbh_cot: bool = False, bbh_tokens: int = 0):
     """Our two tasks, rendered as the crosscheck compares them."""
     from tasks.gen_loaders import bbh_gen, gsm8k
 
     math = gsm8k(str(data_dir), n_train=1, n_dev=1, n_test=0, position="before", instruction=GSM8K_INSTRUCTION,
                  max_new_tokens=gsm8k_tokens)
-    bbh = bbh_gen(str(data_dir), bbh_task, cot=False, n_train=1, n_dev=1, n_test=0, seed=0)
+    bbh = bbh_gen(str(data_dir), bbh_task, cot=bbh_cot, n_train=1, n_dev=1, n_test=0, seed=0,
+                  max_new_tokens=bbh_tokens)
     return math, bbh
 
 
@@ -73,7 +74,8 @@ def lm_eval_configs(data_dir: Path, bbh_task: str, math, bbh) -> dict[str, dict]
             "dataset_kwargs": {"data_files": {"test": str((data_dir / "bbh" / "bbh" / f"{bbh_task}.json").resolve())},
                                "field": "examples"},
             "test_split": "test", "output_type": "generate_until",
-            "description": f"{bbh.instruction}\n\n{shots}", "doc_to_text": "Q: {{input}}\nA:",
+            "description": f"{bbh.instruction}\n\n{shots}",
+            "doc_to_text": "Q: {{input}}\nA:" + (" Let's think step by step." if bbh.template.endswith("step.") else ""),
             "doc_to_target": "{{target}}",
             "generation_kwargs": {**until, "until": list(bbh.stop), "max_gen_toks": bbh.max_new_tokens},
             "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
@@ -107,6 +109,9 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=100, help="first N documents of each task")
     parser.add_argument("--bbh-task", default="boolean_expressions")
     parser.add_argument("--gsm8k-tokens", type=int, default=128, help="generation cap for GSM8K")
+    parser.add_argument("--bbh-cot", action="store_true", help="BBH with its 3-shot chain-of-thought prompt")
+    parser.add_argument("--only", choices=("gsm8k", "bbh"), default=None, help="run one of the two tasks")
+    parser.add_argument("--bbh-tokens", type=int, default=0, help="generation cap for BBH (0: 256 CoT, 32 answer-only)")
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--batch-size", type=int, default=1, help="lm-eval's batch size (1: one prompt at a time)")
@@ -116,10 +121,11 @@ def main(argv=None) -> None:
     from backends.hf import HFBackend
 
     model_dir = model_directory(args.model)
-    math, bbh = tasks_for(args.data_dir, args.bbh_task, args.gsm8k_tokens)
+    math, bbh = tasks_for(args.data_dir, args.bbh_task, args.gsm8k_tokens, args.bbh_cot, args.bbh_tokens)
+    chosen = [(n, t) for n, t in (("xcheck_gsm8k", math), ("xcheck_bbh", bbh)) if args.only in (None, n[7:])]
     ours: dict[str, tuple[list[str], list[str], float]] = {}
     lm = HFBackend(str(model_dir), threads=args.threads)
-    for name, task in (("xcheck_gsm8k", math), ("xcheck_bbh", bbh)):
+    for name, task in chosen:
         examples = task.test[: args.n]
         prompts = [task.render(task.instruction, ex) for ex in examples]
         start = time.perf_counter()
@@ -131,9 +137,10 @@ def main(argv=None) -> None:
         include = work / "tasks"
         include.mkdir()
         for name, cfg in lm_eval_configs(args.data_dir, args.bbh_task, math, bbh).items():
-            (include / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            if name in ours:
+                (include / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         cmd = [args.lm_eval, "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
-               "--tasks", "xcheck_gsm8k,xcheck_bbh", "--include_path", str(include), "--device", "cpu",
+               "--tasks", ",".join(ours), "--include_path", str(include), "--device", "cpu",
                "--limit", str(args.n), "--batch_size", str(args.batch_size), "--log_samples",
                "--output_path", str(work / "out")]
         t_theirs = run_lm_eval(cmd, work)
@@ -141,7 +148,7 @@ def main(argv=None) -> None:
         theirs = {name: read_samples(work / "out", name) for name in ours}
 
     total_same = total = 0
-    for name, task in (("xcheck_gsm8k", math), ("xcheck_bbh", bbh)):
+    for name, task in chosen:
         prompts, outs, secs = ours[name]
         their_prompts = [p for p, _ in theirs[name]]
         their_outs = [o for _, o in theirs[name]]
@@ -159,7 +166,7 @@ def main(argv=None) -> None:
                 print(f"  differs: ours {a.strip()[:80]!r} vs lm-eval {b.strip()[:80]!r}")
                 break
         total_same, total = total_same + same_out, total + len(examples)
-    print(f"wall: lm-eval {t_theirs:.1f} s for both tasks (whole subprocess: start-up, data, model load, generation); "
+    print(f"wall: lm-eval {t_theirs:.1f} s for {len(ours)} task(s) (whole subprocess: start-up, data, model load, generation); "
           f"ours {sum(v[2] for v in ours.values()):.1f} s (generation only)")
     print(f"identical greedy outputs: {total_same}/{total} = {total_same / max(total, 1):.1%}")
 
