@@ -3,13 +3,13 @@
 Usage:
     python bench/lm_eval_gen_crosscheck.py --lm-eval ~/.venvs/lm-eval/bin/lm_eval
         [--n 100] [--bbh-task boolean_expressions] [--gsm8k-tokens 128] [--data-dir ../shared/data]
-        [--model smollm2] [--batch-size 1] [--bbh-cot] [--bbh-tokens 0]
+        [--model smollm2] [--batch-size 1] [--bbh-cot] [--bbh-tokens 0] [--gsm8k-shots 0] [--only gsm8k|bbh]
 
 Both sides read the same local files and model directory and decode greedily:
 
 * lm-eval: two ``generate_until`` tasks written to a temporary folder. GSM8K reads
-  ``gsm8k/test.jsonl`` through the ``json`` builder, zero-shot, the instruction as the task
-  description; BBH reads ``bbh/bbh/<task>.json`` (field ``examples``), answer-only, with the
+  ``gsm8k/test.jsonl`` through the ``json`` builder, the instruction (and, with
+  ``--gsm8k-shots``, the worked train solutions our loader draws) as the task description; BBH reads ``bbh/bbh/<task>.json`` (field ``examples``), answer-only, with the
   task's 3 exemplars (cut to their answers, as ``tasks.gen_loaders.bbh_gen`` cuts them, or worked
   with ``--bbh-cot``) in the description. Same stop strings and token cap as ours. ``--limit`` takes the first N documents.
 * ours: ``HFBackend.generate`` on the same first N examples rendered by ``tasks.gen_loaders``,
@@ -39,12 +39,13 @@ from bench.lm_eval_crosscheck import model_directory, run_lm_eval  # noqa: E402
 GSM8K_INSTRUCTION = "Solve the math problem step by step, then write 'The answer is' and the number."
 
 
-def tasks_for(data_dir: Path, bbh_task: str, gsm8k_tokens: int, bbh_cot: bool = False, bbh_tokens: int = 0):
+def tasks_for(data_dir: Path, bbh_task: str, gsm8k_tokens: int, bbh_cot: bool = False, bbh_tokens: int = 0,
+              gsm8k_shots: int = 0):
     """Our two tasks, rendered as the crosscheck compares them."""
     from tasks.gen_loaders import bbh_gen, gsm8k
 
-    math = gsm8k(str(data_dir), n_train=1, n_dev=1, n_test=0, position="before", instruction=GSM8K_INSTRUCTION,
-                 max_new_tokens=gsm8k_tokens)
+    math = gsm8k(str(data_dir), n_train=1, n_dev=1, n_test=0, k_shot=gsm8k_shots, position="before",
+                 instruction=GSM8K_INSTRUCTION, max_new_tokens=gsm8k_tokens)
     bbh = bbh_gen(str(data_dir), bbh_task, cot=bbh_cot, n_train=1, n_dev=1, n_test=0, seed=0,
                   max_new_tokens=bbh_tokens)
     return math, bbh
@@ -59,7 +60,7 @@ def lm_eval_configs(data_dir: Path, bbh_task: str, math, bbh) -> dict[str, dict]
             "task": "xcheck_gsm8k", "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"test": str((data_dir / "gsm8k" / "test.jsonl").resolve())}},
             "test_split": "test", "output_type": "generate_until",
-            "description": f"{math.instruction}\n\n", "doc_to_text": "Q: {{question}}\nA:",
+            "description": f"{math.instruction}\n\n{math.test[0].inputs['shots']}", "doc_to_text": "Q: {{question}}\nA:",
             "doc_to_target": "{{answer.split('####')[-1].strip()}}",
             "generation_kwargs": {**until, "until": list(math.stop), "max_gen_toks": math.max_new_tokens},
             "filter_list": [{"name": "flexible-extract", "filter": [
@@ -109,6 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=100, help="first N documents of each task")
     parser.add_argument("--bbh-task", default="boolean_expressions")
     parser.add_argument("--gsm8k-tokens", type=int, default=128, help="generation cap for GSM8K")
+    parser.add_argument("--gsm8k-shots", type=int, default=0, help="worked train solutions before each GSM8K problem")
     parser.add_argument("--bbh-cot", action="store_true", help="BBH with its 3-shot chain-of-thought prompt")
     parser.add_argument("--only", choices=("gsm8k", "bbh"), default=None, help="run one of the two tasks")
     parser.add_argument("--bbh-tokens", type=int, default=0, help="generation cap for BBH (0: 256 CoT, 32 answer-only)")
@@ -121,7 +123,8 @@ def main(argv=None) -> None:
     from backends.hf import HFBackend
 
     model_dir = model_directory(args.model)
-    math, bbh = tasks_for(args.data_dir, args.bbh_task, args.gsm8k_tokens, args.bbh_cot, args.bbh_tokens)
+    math, bbh = tasks_for(args.data_dir, args.bbh_task, args.gsm8k_tokens, args.bbh_cot, args.bbh_tokens,
+                          args.gsm8k_shots)
     chosen = [(n, t) for n, t in (("xcheck_gsm8k", math), ("xcheck_bbh", bbh)) if args.only in (None, n[7:])]
     ours: dict[str, tuple[list[str], list[str], float]] = {}
     lm = HFBackend(str(model_dir), threads=args.threads)
