@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from methods.text import input_texts
 from tasks.generative import is_generative
 
 
@@ -71,13 +72,8 @@ class EvalLog:
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         # Also rewrite to drop a torn last line: the next append would be glued onto it and lost.
         if len(keep) != len(lines):
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in keep))
-            os.replace(tmp, self.path)
+            write_jsonl(self.path, keep)
         return len(records) - len(keep)
-
-
-_SCAFFOLD = ("shots", "header", "subject")  # shared few-shot text, not an example's own input
 
 
 def example_records(task, predictions) -> list[dict]:
@@ -88,8 +84,7 @@ def example_records(task, predictions) -> list[dict]:
     """
     out = []
     for ex, pred in zip(task.test, predictions):
-        text = "\n".join(v for k, v in ex.inputs.items() if k not in _SCAFFOLD)
-        rec = {"input": text, "output": task.shown(pred, ex)}
+        rec = {"input": "\n".join(input_texts([ex])), "output": task.shown(pred, ex)}
         if is_generative(task):
             rec["answer"] = task.extract(pred)
             rec["gold"] = list(ex.answers)
@@ -102,19 +97,17 @@ def example_records(task, predictions) -> list[dict]:
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """Write records as JSONL atomically."""
+    """Write records as JSONL atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records))
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
     os.replace(tmp, path)
 
 
 def merge_evaluations(run_dir: Path) -> int:
     """Concatenate every trial's log into ``evaluations.jsonl``; returns the record count."""
     records = [r for p in sorted((run_dir / "evaluations").glob("*.jsonl")) for r in read_jsonl(p)]
-    tmp = run_dir / ".evaluations.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
-    os.replace(tmp, run_dir / "evaluations.jsonl")
+    write_jsonl(run_dir / "evaluations.jsonl", records)
     return len(records)
 
 
