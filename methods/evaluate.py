@@ -29,13 +29,17 @@ def slot_text(prompt: Prompt) -> str:
     return "" if isinstance(prompt, PrefixPrompt) else PROMPT_SLOT
 
 
+def spliced_prompt(prompt: Prompt) -> Prompt | None:
+    """What rides along with each request: nothing for a text prompt (it is rendered), else the prompt."""
+    return None if isinstance(prompt, TextPrompt) else prompt
+
+
 def requests_for(task: Task, prompt: Prompt, examples: Sequence[Example]) -> list[Request]:
     """Every request needed to classify ``examples`` under ``prompt``, in example then choice order.
 
     A text prompt is rendered into the context; any other prompt rides on each request.
     """
-    instruction = slot_text(prompt)
-    spliced = None if isinstance(prompt, TextPrompt) else prompt
+    instruction, spliced = slot_text(prompt), spliced_prompt(prompt)
     return [Request(task.render(instruction, ex), c, spliced) for ex in examples for c in task.choices(ex)]
 
 
@@ -57,10 +61,14 @@ def outputs(task, prompt: Prompt, examples: Sequence, scorer: LM) -> list[str]:
     A text prompt is rendered into each context; a token, soft or prefix prompt rides along
     (the backend splices it, or puts a prefix's states first).
     """
-    if not examples:
+    return _greedy(task, [task.render(slot_text(prompt), ex) for ex in examples], scorer, spliced_prompt(prompt))
+
+
+def _greedy(task, contexts: list[str], scorer: LM, prompt: Prompt | None = None) -> list[str]:
+    """One greedy ``generate`` call with the task's decoding settings; the text of each context's answer."""
+    if not contexts:
         return []
-    contexts = [task.render(slot_text(prompt), ex) for ex in examples]
-    extra = {} if isinstance(prompt, TextPrompt) else {"prompt": prompt}
+    extra = {} if prompt is None else {"prompt": prompt}
     outs = scorer.generate(contexts, max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.stop, **extra)
     return [row[0] for row in outs]
 
@@ -79,18 +87,10 @@ def predict_many(task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM
         per = len(requests) // len(prompts)
         return [list(predictions(task, examples, loglik[j * per : (j + 1) * per])) for j in range(len(prompts))]
     if all(isinstance(p, TextPrompt) for p in prompts):
-        flat = outputs_text(task, [p.text for p in prompts], examples, scorer)
+        # every instruction on every example, instruction-major, in one call
+        flat = _greedy(task, [task.render(p.text, ex) for p in prompts for ex in examples], scorer)
         return [flat[j * len(examples) : (j + 1) * len(examples)] for j in range(len(prompts))]
     return [outputs(task, p, examples, scorer) for p in prompts]
-
-
-def outputs_text(task, instructions: Sequence[str], examples: Sequence, scorer: LM) -> list[str]:
-    """Greedy outputs of every instruction on every example, instruction-major, in one call."""
-    if not instructions or not examples:
-        return []
-    contexts = [task.render(text, ex) for text in instructions for ex in examples]
-    outs = scorer.generate(contexts, max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.stop)
-    return [row[0] for row in outs]
 
 
 def score_prompts(task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM) -> list[float]:
