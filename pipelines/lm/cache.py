@@ -207,23 +207,31 @@ class CachedLM:
             if id(r.prompt) not in ids:
                 ids[id(r.prompt)] = prompt_id(r.prompt)
         keys = [_digest("ll", self.model_key, r.context, r.continuation, ids[id(r.prompt)]) for r in requests]
+        scores = self._per_item(keys, requests, lambda todo: [float(x) for x in self.inner.loglikelihood(todo)],
+                                lambda r, _: len(r.context) + len(r.continuation))
+        return np.array(scores, dtype=np.float64)
+
+    def _per_item(self, keys: list[bytes], items: list, compute, weight) -> list:
+        """The stored value of every key; the missing ones computed in one call and stored.
+
+        ``compute(todo)`` gets the first item of each missing key, in order; each new value is
+        charged its share of the call's tokens in proportion to ``weight(item, value)``.
+        """
         found = self.store.get_many(keys)
         missing = list(dict.fromkeys(k for k in keys if k not in found))
-        self._count_hits([found[k][1] for k in keys if k in found], whole_call=bool(requests) and not missing)
+        self._count_hits([found[k][1] for k in keys if k in found], whole_call=bool(keys) and not missing)
         if missing:
-            found.update(self._compute(missing, keys, requests))
-        return np.array([found[k][0] for k in keys], dtype=np.float64)
-
-    def _compute(self, missing: list[bytes], keys: list[bytes], requests: list[Request]) -> dict:
-        """Score the missing requests in one call, store them, and return them by key."""
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        todo = [requests[first[k]] for k in missing]
-        before = self.usage.tokens
-        scores = self.inner.loglikelihood(todo)
-        tokens = _spread(self.usage.tokens - before, [len(r.context) + len(r.continuation) for r in todo])
-        new = [(k, float(s), t) for k, s, t in zip(missing, scores, tokens)]
-        self.store.put_many(new)
-        return {k: (v, t) for k, v, t in new}
+            first: dict[bytes, object] = {}
+            for k, item in zip(keys, items):
+                first.setdefault(k, item)
+            todo = [first[k] for k in missing]
+            before = self.usage.tokens
+            values = compute(todo)
+            tokens = _spread(self.usage.tokens - before, [weight(x, v) for x, v in zip(todo, values)])
+            new = list(zip(missing, values, tokens))
+            self.store.put_many(new)
+            found.update((k, (v, t)) for k, v, t in new)
+        return [found[k][0] for k in keys]
 
     def _count_hits(self, tokens: Sequence[float], whole_call: bool) -> None:
         """Record requests answered from the cache (``tokens``: what each cost when computed)."""
@@ -257,16 +265,6 @@ class CachedLM:
         """Greedy completions, one cache entry per distinct context; only the misses are generated."""
         settings = [call["max_new_tokens"], list(call["stop"]), prompt_id(call.get("prompt"))]
         keys = [_digest("greedy", self.model_key, c, settings) for c in contexts]
-        found = self.store.get_many(keys)
-        missing = list(dict.fromkeys(k for k in keys if k not in found))
-        self._count_hits([found[k][1] for k in keys if k in found], whole_call=not missing)
-        if missing:
-            first = {k: c for k, c in zip(keys, contexts)}
-            todo = [first[k] for k in missing]
-            before = self.usage.tokens
-            outs = self.inner.generate(todo, **{**call, "n": 1})
-            tokens = _spread(self.usage.tokens - before, [len(c) + len(o[0]) for c, o in zip(todo, outs)])
-            new = [(k, o[0], t) for k, o, t in zip(missing, outs, tokens)]
-            self.store.put_many(new)
-            found.update((k, (v, t)) for k, v, t in new)
-        return [[found[k][0]] * n for k in keys]
+        texts = self._per_item(keys, contexts, lambda todo: [o[0] for o in self.inner.generate(todo, **{**call, "n": 1})],
+                               lambda c, out: len(c) + len(out))
+        return [[t] * n for t in texts]
