@@ -22,17 +22,19 @@ from tasks.loaders import default_template
 from tasks.sources import (
     bbh_path,
     cell,
-    check_columns,
+    check_split_files,
     check_template,
     data_file,
     draw,
+    named_file,
     read_bbh,
     read_bbh_description,
-    read_table,
     readable,
     require_splits,
     seeded_split,
     table_fields,
+    table_rows,
+    table_splits,
 )
 
 STOP = ("\n\n", "\nQ:")  # an answer ends at a blank line or where the model starts the next question
@@ -295,14 +297,7 @@ def ii(
 
 def _ii_file(data_dir: str, kind: str, sub: str | None, task_name: str) -> Path:
     parts = ["instruction_induction", kind] + ([sub] if sub else []) + [f"{task_name}.json"]
-    try:
-        return data_file(data_dir, *parts)
-    except TaskError as err:
-        folder = Path(data_dir, "instruction_induction", "raw", "induce")
-        if not folder.is_dir():
-            raise
-        known = sorted(p.stem for p in folder.glob("*.json"))
-        raise TaskError(f"{err}; known instruction-induction tasks: {', '.join(known)}") from None
+    return named_file(data_dir, parts, ("instruction_induction", "raw", "induce"), "instruction-induction tasks")
 
 
 # ------------------------------------------------------------------------ user's own table
@@ -348,21 +343,16 @@ def gen_table(
     """
     if metric not in ANSWER_METRICS:
         raise TaskError(f"unknown metric {metric!r}; known: {sorted(ANSWER_METRICS)}")
-    if (dev_path is None) != (test_path is None):
-        raise TaskError("give both dev_path and test_path (separate split files), or neither (one file split by seed)")
+    check_split_files(dev_path, test_path)
     fields = table_fields(input_fields, output_field)
     template = default_template(fields, "Output") if template is None else template
     check_template(template, fields)
 
     def load(file: str) -> list[GenExample]:
-        rows = read_table(file, format, encoding)
-        check_columns(file, rows, [*fields, output_field])
-        return [_gen_row(row, fields, output_field, file, line_no) for line_no, row in rows]
+        return table_rows(file, [*fields, output_field],
+                          lambda row, f, line_no: _gen_row(row, fields, output_field, f, line_no), format, encoding)
 
-    if dev_path is None:
-        splits = seeded_split(load(path), [n_train, n_dev, n_test or None], seed, path)
-    else:
-        splits = [draw(load(f), n, seed, f) for f, n in ((path, n_train), (dev_path, n_dev), (test_path, n_test))]
+    splits = table_splits(load(path), load, path, dev_path, test_path, (n_train, n_dev, n_test), seed)
     require_splits(splits, path)
     return GenTask(
         name=name, template=template, instruction=instruction, train=tuple(splits[0]), dev=tuple(splits[1]),

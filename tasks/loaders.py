@@ -17,7 +17,7 @@ from tasks.core import Example, Task, TaskError
 from tasks.sources import (
     bbh_examples,
     bbh_path,
-    check_columns,
+    check_split_files,
     check_template,
     data_file,
     draw,
@@ -28,12 +28,13 @@ from tasks.sources import (
     read_glue_tsv,
     read_label_lines,
     read_mmlu_csv,
-    read_table,
     require_splits,
     seeded_split,
     sst2_from_hub,
     table_example,
     table_fields,
+    table_rows,
+    table_splits,
 )
 
 SENTIMENT_INSTRUCTION = "Classify the sentiment of the movie review as positive or negative."
@@ -368,17 +369,15 @@ def table(
     Raises:
         TaskError: one line naming the file, column, value or line at fault.
     """
-    if (dev_path is None) != (test_path is None):
-        raise TaskError("give both dev_path and test_path (separate split files), or neither (one file split by seed)")
+    check_split_files(dev_path, test_path)
     fields = table_fields(text_fields, label_field)
     ids = label_ids(tuple(label_words), labels)
     template = default_template(fields) if template is None else template
     check_template(template, fields)
 
     def load(file: str) -> list[Example]:
-        rows = read_table(file, format, encoding)
-        check_columns(file, rows, [*fields, label_field])
-        return [table_example(row, fields, label_field, ids, file, line_no) for line_no, row in rows]
+        return table_rows(file, [*fields, label_field],
+                          lambda row, f, line_no: table_example(row, fields, label_field, ids, f, line_no), format, encoding)
 
     examples = load(path)
     present = {ex.label for ex in examples}
@@ -386,11 +385,7 @@ def table(
         (only,) = present
         raise TaskError(f"{path}: every row has label {label_words[only].strip()!r}; a classification task "
                         f"needs rows of at least two of {[w.strip() for w in label_words]}")
-    if dev_path is None:
-        splits = seeded_split(examples, [n_train, n_dev, n_test or None], seed, path)
-    else:
-        splits = [draw(exs, n, seed, f) for exs, n, f in
-                  ((examples, n_train, path), (load(dev_path), n_dev, dev_path), (load(test_path), n_test, test_path))]
+    splits = table_splits(examples, load, path, dev_path, test_path, (n_train, n_dev, n_test), seed)
     require_splits(splits, path)
     if instruction is None:
         words = ", ".join(w.strip() for w in label_words)

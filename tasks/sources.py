@@ -212,6 +212,33 @@ def check_columns(path: str, rows: Sequence[tuple[int, dict]], needed: Sequence[
             raise TaskError(f"{path}: column(s) {missing} not found{where}; columns are {list(row)}")
 
 
+def check_split_files(dev_path: str | None, test_path: str | None) -> None:
+    """A user's table comes as one file split by seed, or as train, dev and test files: not two of them."""
+    if (dev_path is None) != (test_path is None):
+        raise TaskError("give both dev_path and test_path (separate split files), or neither (one file split by seed)")
+
+
+def table_rows(path: str, columns: Sequence[str], make: Callable[[dict, str, int], T], format: str,
+               encoding: str) -> list[T]:
+    """``make(row, path, line number)`` for every row of a user's table, its columns checked first."""
+    rows = read_table(path, format, encoding)
+    check_columns(path, rows, columns)
+    return [make(row, path, line_no) for line_no, row in rows]
+
+
+def table_splits(
+    train: Sequence[T], load: Callable[[str], Sequence[T]], path: str, dev_path: str | None, test_path: str | None,
+    sizes: Sequence[int], seed: int,
+) -> list[tuple[T, ...]]:
+    """Train, dev and test of a user's table: ``train`` (the rows of ``path``) split by ``seed``, or,
+    with split files, each drawn from its own file (``load`` reads one; a size of 0 takes it all)."""
+    n_train, n_dev, n_test = sizes
+    if dev_path is None:
+        return seeded_split(train, [n_train, n_dev, n_test or None], seed, path)
+    return [draw(rows, n, seed, f) for rows, n, f in
+            ((train, n_train, path), (load(dev_path), n_dev, dev_path), (load(test_path), n_test, test_path))]
+
+
 def seeded_split(
     items: Sequence[T], sizes: Sequence[int | None], seed: int, what: str
 ) -> list[tuple[T, ...]]:
@@ -342,16 +369,22 @@ def check_template(template: str, fields: Sequence[str]) -> None:
         raise TaskError(f"template uses {unknown} which are not in text_fields {list(fields)}")
 
 
-def bbh_path(data_dir: str, task_name: str) -> Path:
-    """The JSON file of a BBH task; an unknown name lists the known ones."""
+def named_file(data_dir: str, parts: Sequence[str], listing: Sequence[str], kind: str) -> Path:
+    """``data_file(data_dir, *parts)`` for a file named after a task; when it is missing, the error
+    lists the task names there are (the ``.json`` stems in the ``listing`` folder)."""
     try:
-        return data_file(data_dir, "bbh", "bbh", f"{task_name}.json")
+        return data_file(data_dir, *parts)
     except TaskError as err:
-        folder = Path(data_dir, "bbh", "bbh")
+        folder = Path(data_dir, *listing)
         if not folder.is_dir():
             raise
         known = sorted(p.stem for p in folder.glob("*.json"))
-        raise TaskError(f"{err}; known bbh tasks: {', '.join(known)}") from None
+        raise TaskError(f"{err}; known {kind}: {', '.join(known)}") from None
+
+
+def bbh_path(data_dir: str, task_name: str) -> Path:
+    """The JSON file of a BBH task; an unknown name lists the known ones."""
+    return named_file(data_dir, ("bbh", "bbh", f"{task_name}.json"), ("bbh", "bbh"), "bbh tasks")
 
 
 def bbh_examples(
