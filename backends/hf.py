@@ -130,7 +130,7 @@ class HFBackend:
         self._check_length(contexts, conts, prefix)
         soft = self._soft(table.array())
         rows = build_rows(contexts, conts)
-        groups = plan_groups(rows, self.min_prefix) if self.min_prefix > 0 else [Group(0, tuple(rows))]
+        groups = self._groups(rows)
         with torch.inference_mode():
             virtual = None if prefix is None else to_layers(self._prefix_tensor(prefix), self.kv_shape)
             for group in groups:
@@ -227,7 +227,7 @@ class HFBackend:
         self._check_window(extra + max(map(len, keys), default=0) + max_new_tokens, "a prompt plus max_new_tokens")
         jobs = [(i, j) for i in range(len(contexts)) for j in range(draws)]
         rows = [Row(keys[i], [(len(keys[i]) - 1, 0, k)]) for k, (i, _) in enumerate(jobs)]
-        groups = plan_groups(rows, self.min_prefix) if self.min_prefix > 0 else [Group(0, tuple(rows))]
+        groups = self._groups(rows)
         texts: dict[tuple[int, int], str] = {}
         with torch.inference_mode():
             layers = None if virtual is None else to_layers(virtual, self.kv_shape)
@@ -316,6 +316,10 @@ class HFBackend:
         Its shape is checked where it is split into layers (:func:`backends.prefix.to_layers`).
         """
         return torch.tensor(np.asarray(prefix.key_values), dtype=self.embed.weight.dtype, device=self.device)
+
+    def _groups(self, rows: list[Row]) -> list[Group]:
+        """Prefix-sharing groups of rows (one group without a shared prefix when reuse is off)."""
+        return plan_groups(rows, self.min_prefix) if self.min_prefix > 0 else [Group(0, tuple(rows))]
 
     def _score_group(self, rows: Sequence[Row], prefix_len: int, soft, out: np.ndarray, virtual=None) -> None:
         """Add the targets' log-probs of rows sharing ``prefix_len`` keys into ``out``.

@@ -42,8 +42,12 @@ def predict_many(task, instructions: Sequence[str], examples: Sequence, scorer: 
         task's outputs (object).
     """
     rows = evaluate.predict_many(task, [TextPrompt(t) for t in instructions], examples, scorer)
-    dtype = object if is_generative(task) else np.int64
-    return [np.array(row, dtype=dtype) for row in rows]
+    return [np.array(row, dtype=prediction_dtype(task)) for row in rows]
+
+
+def prediction_dtype(task) -> type:
+    """Label ids are int64; a generative task's predictions are its output strings."""
+    return object if is_generative(task) else np.int64
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ def successive_halving(
     if min_examples < 1 or eta < 2:
         raise ValueError(f"successive halving needs min_examples >= 1 and eta >= 2, got {min_examples}, {eta}")
     n = len(texts)
-    preds = [np.zeros(0, dtype=object if is_generative(task) else np.int64) for _ in range(n)]
+    preds = [np.zeros(0, dtype=prediction_dtype(task)) for _ in range(n)]
     alive, done, calls = list(range(n)), 0, 0
     while alive and done < len(dev):
         # a lone survivor has nothing left to race: it goes straight to the full subset

@@ -97,9 +97,7 @@ class Task:
 
     def _check_split(self, split_name: str, examples: Sequence[Example]) -> None:
         for i, ex in enumerate(examples):
-            missing = [f for f in self.fields if f not in ex.inputs]
-            if missing:
-                raise TaskError(f"task {self.name!r}: {split_name}[{i}] lacks template field(s) {missing}")
+            check_inputs(self, split_name, i, ex)
             n = len(self.choices(ex))
             if not 0 <= ex.label < n:
                 raise TaskError(f"task {self.name!r}: {split_name}[{i}] label {ex.label} outside 0..{n - 1}")
@@ -154,6 +152,13 @@ def template_fields(name: str, template: str, metric: str, known: Mapping) -> tu
     if metric not in known:
         raise TaskError(f"task {name!r}: unknown metric {metric!r}; known: {sorted(known)}")
     return tuple(n for n in names if n != "instruction")
+
+
+def check_inputs(task, split_name: str, i: int, example) -> None:
+    """An example must fill every field of its task's template."""
+    missing = [f for f in task.fields if f not in example.inputs]
+    if missing:
+        raise TaskError(f"task {task.name!r}: {split_name}[{i}] lacks template field(s) {missing}")
 
 
 def check_label_words(words: Sequence[str], where: str) -> None:

@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from tasks import answers
-from tasks.core import TaskError, template_fields
+from tasks.core import TaskError, check_inputs, template_fields
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,7 @@ class GenTask:
         object.__setattr__(self, "fields", fields)
         for split_name in ("train", "dev", "test"):
             for i, ex in enumerate(getattr(self, split_name)):
-                missing = [f for f in self.fields if f not in ex.inputs]
-                if missing:
-                    raise TaskError(f"task {self.name!r}: {split_name}[{i}] lacks template field(s) {missing}")
+                check_inputs(self, split_name, i, ex)
                 if not ex.answers or not all(isinstance(a, str) and a.strip() for a in ex.answers):
                     raise TaskError(f"task {self.name!r}: {split_name}[{i}] has no non-empty gold answer")
 
@@ -167,11 +165,6 @@ class GenTask:
         """An output as a report or a proposer sees it: trimmed, long ones cut."""
         text = output.strip()
         return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
-
-    def split(self, name: str) -> tuple[GenExample, ...]:
-        if name not in ("train", "dev", "test"):
-            raise TaskError(f"unknown split {name!r}; expected train, dev or test")
-        return getattr(self, name)
 
 
 def is_generative(task) -> bool:
