@@ -1,7 +1,9 @@
 """Scoring prompts on examples: one batched LM call per use, whatever the task kind.
 
 Classification and multiple choice are scored by the log-likelihood of each label
-continuation, never by generating and parsing. Generative tasks
+continuation, never by generating and parsing. A task with ``calibration="contextual"``
+also scores its content-free inputs under each prompt, in the same call, and divides the
+label probabilities by theirs (Zhao et al. 2021) for selection and test alike. Generative tasks
 (:class:`tasks.generative.GenTask`) are scored by greedy generation, then the task's
 extractor and metric. A *prediction* is a label id for the first kind and the written
 output for the second; methods compare predictions with ``task.is_correct`` and show them
@@ -43,16 +45,54 @@ def requests_for(task: Task, prompt: Prompt, examples: Sequence[Example]) -> lis
     return [Request(task.render(instruction, ex), c, spliced) for ex in examples for c in task.choices(ex)]
 
 
-def predictions(task: Task, examples: Sequence[Example], loglik: np.ndarray) -> np.ndarray:
-    """Argmax label per example from the flat log-likelihoods that :func:`requests_for` ordered."""
-    preds, i = np.empty(len(examples), dtype=np.int64), 0
-    for k, ex in enumerate(examples):
+def _choice_scores(task: Task, examples: Sequence[Example], loglik: np.ndarray) -> list[np.ndarray]:
+    """Per example, its choices' scores from the flat log-likelihoods :func:`requests_for` ordered."""
+    out, i = [], 0
+    for ex in examples:
         choices = task.choices(ex)
         ll = np.asarray(loglik[i : i + len(choices)], dtype=np.float64)
         if task.length_normalize:
             ll = ll / np.maximum([len(c) for c in choices], 1)
-        preds[k], i = int(np.argmax(ll)), i + len(choices)
-    return preds
+        out.append(ll)
+        i += len(choices)
+    return out
+
+
+def predictions(task: Task, examples: Sequence[Example], loglik: np.ndarray, log_prior: np.ndarray | None = None) -> np.ndarray:
+    """Argmax label per example; with ``log_prior``, of ``log p(label | x) - log p(label | content-free)``.
+
+    Dividing the normalized label probabilities by the content-free ones (contextual
+    calibration) only shifts each label's score by a constant, so the argmax needs no softmax.
+    """
+    scores = _choice_scores(task, examples, loglik)
+    shift = 0.0 if log_prior is None else log_prior
+    return np.array([int(np.argmax(s - shift)) for s in scores], dtype=np.int64)
+
+
+def content_free_log_prior(task: Task, loglik: np.ndarray) -> np.ndarray:
+    """``log`` of the mean normalized label probabilities over the task's content-free examples."""
+    scores = np.stack(_choice_scores(task, task.content_free_examples(), loglik))
+    probs = np.exp(scores - np.logaddexp.reduce(scores, axis=1, keepdims=True))
+    return np.log(probs.mean(axis=0))
+
+
+def calibrated(task) -> bool:
+    return getattr(task, "calibration", "none") == "contextual"
+
+
+def _label_predictions(task: Task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM, calibrate: bool):
+    """Per prompt ``(raw, calibrated or None)`` label ids; content-free inputs ride in the same call."""
+    free = task.content_free_examples() if calibrate else ()
+    requests = [r for p in prompts for r in requests_for(task, p, tuple(examples) + free)]
+    loglik = scorer.loglikelihood(requests)
+    per, n_ex = len(requests) // len(prompts), sum(len(task.choices(ex)) for ex in examples)
+    out = []
+    for j in range(len(prompts)):
+        block = loglik[j * per : (j + 1) * per]
+        raw = predictions(task, examples, block[:n_ex])
+        cal = predictions(task, examples, block[:n_ex], content_free_log_prior(task, block[n_ex:])) if calibrate else None
+        out.append((raw, cal))
+    return out
 
 
 def outputs(task, prompt: Prompt, examples: Sequence, scorer: LM) -> list[str]:
@@ -82,10 +122,8 @@ def predict_many(task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM
     if not prompts:
         return []
     if not is_generative(task):
-        requests = [r for p in prompts for r in requests_for(task, p, examples)]
-        loglik = scorer.loglikelihood(requests)
-        per = len(requests) // len(prompts)
-        return [list(predictions(task, examples, loglik[j * per : (j + 1) * per])) for j in range(len(prompts))]
+        both = _label_predictions(task, prompts, examples, scorer, calibrated(task))
+        return [list(raw if cal is None else cal) for raw, cal in both]
     if all(isinstance(p, TextPrompt) for p in prompts):
         # every instruction on every example, instruction-major, in one call
         flat = _greedy(task, [task.render(p.text, ex) for p in prompts for ex in examples], scorer)
@@ -101,6 +139,16 @@ def score_prompts(task, prompts: Sequence[Prompt], examples: Sequence, scorer: L
 def predict(task, prompt: Prompt, examples: Sequence, scorer: LM) -> list:
     """Predictions for ``examples`` under ``prompt``: label ids, or a generative task's outputs."""
     return predict_many(task, [prompt], examples, scorer)[0]
+
+
+def predict_raw_and_calibrated(task, prompt: Prompt, examples: Sequence, scorer: LM) -> tuple[list, list | None]:
+    """A label task's raw and contextually calibrated predictions from one call (what a report
+    shows side by side); a generative task's outputs and ``None``, as for a task that cannot be
+    calibrated (per-example options)."""
+    if is_generative(task):
+        return predict(task, prompt, examples, scorer), None
+    ((raw, cal),) = _label_predictions(task, [prompt], examples, scorer, task.calibratable())
+    return list(raw), None if cal is None else list(cal)
 
 
 def subsample(examples: Sequence[Example], n: int, rng: np.random.Generator) -> tuple[Example, ...]:

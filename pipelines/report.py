@@ -1,11 +1,18 @@
 """Turn a run directory into a side-by-side comparison: ``report.md`` plus PNG plots.
 
 Usage: ``python -m pipelines.report RUN_DIR``. Reads ``summary.json`` (one row per trial,
-failures included) and ``evaluations.jsonl`` (every candidate scored, in order). The same
-numbers are exposed as DataFrames (:func:`report_tables`) and images (:func:`plot_paths`)
-so the sweep driver can log exactly what the Markdown shows. "mean ± std" is over seeds
-(``ddof=1``; "-" for one seed); NaN scores are left out of means; a method's best prompt is
-its best-dev seed's (test is never used to pick).
+failures included), ``evaluations.jsonl`` (every candidate scored, in order),
+``outputs/<trial>.jsonl`` (each final prompt's score on every test example) and any
+``transfer/*.json`` that :mod:`pipelines.transfer` added. The same numbers are exposed as
+DataFrames (:func:`report_tables`) and images (:func:`plot_paths`) so the sweep driver can
+log exactly what the Markdown shows.
+
+The leaderboard ranks methods by mean test score over seeds, with a 95% bootstrap interval
+over test examples, a t-interval over seeds, paired permutation tests against the ``manual``
+baseline and against the best method (Holm-corrected; :mod:`pipelines.stats`), the budget
+used in example-evaluations, an anytime score and the dev-test gap. "mean ± std" is over
+seeds (``ddof=1``; "-" for one seed); NaN scores are left out of means; a method's best
+prompt is its best-dev seed's (test is never used to pick).
 """
 
 from __future__ import annotations
@@ -26,8 +33,14 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from pipelines.results import read_jsonl
+from pipelines.stats import anytime_score, bootstrap_interval, holm, paired_p, seed_interval
 
 BASELINE = "manual"
+BASELINES = (BASELINE, "empty")  # listed first; `empty` is the template with no instruction
+NON_MEAN_METRICS = {"macro_f1"}  # intervals and tests then use per-example accuracy (said in the report)
+X_AXES = {  # evaluation-log field -> axis label of a best-so-far panel
+    "scorer_examples": "scorer example-evaluations", "tokens": "tokens (scorer + proposer)", "wall_s": "trial seconds",
+}
 FAMILIES = {
     "TextPrompt": "text instruction", "TokenPrompt": "trigger tokens", "SoftPrompt": "soft prompt",
     "PrefixPrompt": "key/value prefix",
@@ -76,10 +89,11 @@ def _tasks(run: Run) -> list[str]:
 
 
 def _method_order(rows: Sequence[dict]) -> list[str]:
-    """Baseline first, then text, token and soft methods, each alphabetically."""
+    """Baselines first, then text, token and soft methods, each alphabetically."""
     kinds = {r["method"]: r.get("prompt_kind", "") for r in rows}
     family = {k: i for i, k in enumerate(FAMILIES)}
-    return sorted(kinds, key=lambda m: (m != BASELINE, family.get(kinds[m], len(family)), m))
+    base = {m: i for i, m in enumerate(BASELINES)}
+    return sorted(kinds, key=lambda m: (base.get(m, len(base)), family.get(kinds[m], len(family)), m))
 
 
 def _by_method(rows: Sequence[dict], task: str) -> dict[str, list[dict]]:
@@ -134,6 +148,7 @@ def _method_row(method: str, rows: Sequence[dict], n_failed: int) -> dict:
         "method": method, "family": FAMILIES.get(best.get("prompt_kind", ""), "?"),
         "seeds": len(rows), "failed": n_failed,
         "dev_mean": dev, "dev_std": dev_std, "test_mean": test, "test_std": test_std,
+        "scorer_examples": mean(lambda r: r.get("scorer_examples")),
         "scorer_calls": mean(lambda r: r.get("scorer_calls")),
         "tokens": mean(lambda r: _number(r.get("scorer_tokens", 0)) + _number(r.get("proposer_tokens", 0))),
         "wall_s": mean(lambda r: r.get("wall_s")),
@@ -168,35 +183,42 @@ def report_tables(run_dir: Path | str) -> dict[str, pd.DataFrame]:
 def _tables(run: Run) -> dict[str, pd.DataFrame]:
     tables = {}
     for task in _tasks(run):
+        tables[f"leaderboard/{task}"] = leaderboard(run, task)
+        if (cal := calibration_table(run, task)) is not None:
+            tables[f"calibration/{task}"] = cal
         summary = tables[f"summary/{task}"] = summary_table(run, task)
         tables[f"prompts/{task}"] = summary[["family", "method", "best_seed", "best_dev", "best_test", "found",
                                              "detail"]]
         if (groups := groups_table(run, task)) is not None:
             tables[f"groups/{task}"] = groups
+    for entry in transfers(run):
+        tables[f"transfer/{entry['file'].removesuffix('.json')}"] = transfer_table(entry)
     if run.failed:
         cols = ["task", "method", "seed", "trial", "error"]
         tables["failures"] = pd.DataFrame([{c: r.get(c, "?") for c in cols} for r in run.failed], columns=cols)
     return tables
 
 
-def best_so_far(records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """One trial's best dev score against its cumulative scorer calls (file order).
+def best_so_far(records: Sequence[dict], x: str = "scorer_examples") -> tuple[np.ndarray, np.ndarray]:
+    """One trial's best dev score against its cumulative cost ``x`` (file order).
 
+    ``x`` is a cost field every record carries: ``scorer_examples`` (the budget's unit),
+    ``scorer_calls``, ``tokens`` or ``wall_s``, each as it stood when the record's step ended.
     Only records scored on the trial's full dev set count: racing scores some candidates on
     a few examples, and such a score is too noisy to call the best so far.
 
     Returns:
-        ``(calls [k], best [k])``, one point per distinct call count, calls increasing.
+        ``(cost [k], best [k])``, one point per distinct cost, cost increasing.
     """
-    recs = [r for r in records if math.isfinite(_number(r.get("scorer_calls")))]
+    recs = [r for r in records if math.isfinite(_number(r.get(x)))]
     full = max((_number(r.get("n")) for r in recs), default=math.nan)
     recs = [r for r in recs if not math.isfinite(full) or _number(r.get("n")) == full]
     if not recs:
         return np.zeros(0), np.zeros(0)
-    calls = np.maximum.accumulate(np.array([_number(r["scorer_calls"]) for r in recs]))
+    cost = np.maximum.accumulate(np.array([_number(r[x]) for r in recs]))
     best = np.fmax.accumulate(np.array([_number(r.get("score")) for r in recs]))  # fmax: NaN never wins
-    last = np.r_[calls[1:] != calls[:-1], True]  # keep the last record of each step
-    return calls[last], best[last]
+    last = np.r_[cost[1:] != cost[:-1], True]  # keep the last record of each step
+    return cost[last], best[last]
 
 
 def mean_curve(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
@@ -214,17 +236,187 @@ def mean_curve(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndar
         return grid, np.nanmean(at, 0), np.nanmin(at, 0), np.nanmax(at, 0)
 
 
-def method_curves(run: Run, task: str) -> dict[str, tuple[int, tuple[np.ndarray, ...]]]:
-    """Per method on ``task``: (seeds with a log, mean curve), from finished trials only."""
+def _logs(run: Run) -> dict[str, list[dict]]:
     by_trial: dict[str, list[dict]] = {}
     for rec in run.evaluations:
         by_trial.setdefault(str(rec.get("trial")), []).append(rec)
-    out = {}
+    return by_trial
+
+
+def method_curves(run: Run, task: str, x: str = "scorer_examples") -> dict[str, tuple[int, tuple[np.ndarray, ...]]]:
+    """Per method on ``task``: (seeds with a log, mean curve against ``x``), from finished trials only."""
+    by_trial, out = _logs(run), {}
     for method, rows in _by_method(run.ok, task).items():
-        curves = [c for r in rows if (c := best_so_far(by_trial.get(str(r.get("trial")), [])))[0].size]
+        curves = [c for r in rows if (c := best_so_far(by_trial.get(str(r.get("trial")), []), x))[0].size]
         if curves:
             out[method] = (len(curves), mean_curve(curves))
     return out
+
+
+def budget_span(run: Run, task: str) -> float:
+    """The example budget the anytime score integrates over: the trials' common cap
+    (``budget.scorer.examples``), else the most any trial of the task spent."""
+    rows = [r for r in run.ok if r.get("task") == task]
+    caps = {r.get("budget_examples") for r in rows}
+    if len(caps) == 1 and (cap := _number(next(iter(caps)))) > 0:
+        return cap
+    return max((_number(r.get("scorer_examples")) for r in rows), default=math.nan)
+
+
+def anytime_scores(run: Run, task: str) -> dict[str, float]:
+    """Per trial: the normalized area under its best-so-far dev curve against example-evaluations."""
+    span, by_trial = budget_span(run, task), _logs(run)
+    out = {}
+    for r in run.ok:
+        if r.get("task") == task:
+            x, best = best_so_far(by_trial.get(str(r.get("trial")), []))
+            out[str(r.get("trial"))] = anytime_score(x, best, span) if math.isfinite(span) else math.nan
+    return out
+
+
+def example_scores(run: Run, row: dict, key: str = "score") -> np.ndarray | None:
+    """A trial's per-example test scores from ``outputs/<trial>.jsonl`` (``None`` when absent).
+
+    ``key`` is ``score`` (what the task selects with), ``score_raw`` or ``score_calibrated``.
+    Runs from before per-example scores were saved fall back to ``correct``.
+    """
+    path = run.dir / str(row.get("outputs", ""))
+    if not row.get("outputs") or not path.is_file():
+        return None
+    recs = read_jsonl(path)
+    vals = [rec.get(key, rec.get("correct") if key == "score" else None) for rec in recs]
+    if not vals or any(v is None for v in vals):
+        return None
+    return np.array(vals, dtype=np.float64)
+
+
+def score_matrix(run: Run, rows: Sequence[dict], key: str = "score") -> np.ndarray | None:
+    """``[n_test, seeds]`` per-example scores of a method's seeds (those with saved outputs)."""
+    cols = [s for r in rows if (s := example_scores(run, r, key)) is not None]
+    if not cols or len({c.size for c in cols}) != 1:
+        return None
+    return np.stack(cols, axis=1)
+
+
+def _p(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    if a is None or b is None or a.shape[0] != b.shape[0]:
+        return math.nan
+    return paired_p(a, b)
+
+
+def leaderboard(run: Run, task: str) -> pd.DataFrame:
+    """Methods on ``task`` ranked by mean test score, with the statistics a reviewer asks for.
+
+    Columns: rank, method, seeds, test (mean over seeds), ``ci_lo``/``ci_hi`` (95% bootstrap
+    over test examples, seeds averaged per example), ``seed_lo``/``seed_hi`` (95% t-interval
+    over seeds), ``p_baseline``/``p_best`` (paired permutation test against ``manual`` and
+    against the top-ranked method, each Holm-corrected across the methods tested),
+    ``examples`` (mean example-evaluations per trial), ``anytime`` (mean over seeds),
+    ``gap`` (dev minus test) with ``overfit`` when it exceeds two standard errors of a dev
+    score at that level, and the raw and calibrated test means.
+    """
+    by = _by_method(run.ok, task)
+    if not by:
+        return pd.DataFrame()
+    mats = {m: score_matrix(run, rows) for m, rows in by.items()}
+    test = {m: mean_std([r.get("test_score") for r in rows])[0] for m, rows in by.items()}
+    order = sorted(by, key=lambda m: (-test[m] if math.isfinite(test[m]) else math.inf, m))
+    best, base = order[0], (BASELINE if BASELINE in by else None)
+    others = [m for m in order if m != base]
+    p_base = dict(zip(others, holm([_p(mats[m], mats.get(base)) for m in others])))
+    rest = [m for m in order if m != best]
+    p_best = dict(zip(rest, holm([_p(mats[m], mats[best]) for m in rest])))
+    anytime = anytime_scores(run, task)
+    rows_out = []
+    for rank, m in enumerate(order, 1):
+        rows = by[m]
+        ci = bootstrap_interval(mats[m]) if mats[m] is not None else (math.nan, math.nan)
+        seeds = seed_interval([_number(r.get("test_score")) for r in rows])
+        dev = mean_std([r.get("dev_score") for r in rows])[0]
+        n_dev = mean_std([r.get("n_dev") for r in rows])[0]
+        gap = dev - test[m]
+        se = math.sqrt(max(test[m] * (1 - test[m]), 0.0) / n_dev) if n_dev > 0 and math.isfinite(test[m]) else math.nan
+        rows_out.append({
+            "rank": rank, "method": m, "seeds": len(rows), "test": test[m], "ci_lo": ci[0], "ci_hi": ci[1],
+            "seed_lo": seeds[0], "seed_hi": seeds[1], "p_baseline": p_base.get(m, math.nan),
+            "p_best": p_best.get(m, math.nan),
+            "examples": mean_std([r.get("scorer_examples") for r in rows])[0],
+            "anytime": mean_std([anytime.get(str(r.get("trial"))) for r in rows])[0],
+            "dev": dev, "gap": gap, "overfit": bool(math.isfinite(se) and gap > 2 * se),
+            "raw": mean_std([r.get("test_score_raw") for r in rows])[0],
+            "calibrated": mean_std([r.get("test_score_calibrated") for r in rows])[0],
+        })
+    return pd.DataFrame(rows_out)
+
+
+def transfers(run: Run) -> list[dict]:
+    """What :mod:`pipelines.transfer` wrote into the run (``transfer/*.json``), by file name."""
+    out = []
+    for path in sorted((run.dir / "transfer").glob("*.json")):
+        try:
+            out.append({**json.loads(path.read_text()), "file": path.name})
+        except (json.JSONDecodeError, OSError):
+            continue
+    return out
+
+
+def transfer_table(entry: dict) -> pd.DataFrame:
+    """Per method (baselines first): its source test score, the target test score with a 95%
+    bootstrap interval over the target's examples, raw and calibrated, and the paired p-value
+    against ``manual`` on the target (Holm-corrected); skipped trials counted."""
+    rows = [r for r in entry.get("rows", [])]
+    mats = {}
+    for m in _method_order(rows):
+        cols = [np.asarray(r["scores"], dtype=np.float64) for r in rows if r["method"] == m and r.get("scores")]
+        mats[m] = np.stack(cols, axis=1) if cols and len({c.size for c in cols}) == 1 else None
+    others = [m for m in mats if m != BASELINE]
+    p = dict(zip(others, holm([_p(mats[m], mats.get(BASELINE)) for m in others])))
+    out = []
+    for m, mat in mats.items():
+        mine = [r for r in rows if r["method"] == m]
+        lo, hi = bootstrap_interval(mat) if mat is not None else (math.nan, math.nan)
+        out.append({
+            "method": m, "seeds": sum(not r.get("skipped") for r in mine), "skipped": sum(bool(r.get("skipped")) for r in mine),
+            "why": next((r["skipped"] for r in mine if r.get("skipped")), ""),
+            "source_test": mean_std([r.get("source_test") for r in mine])[0],
+            "test": mean_std([r.get("test_score") for r in mine if not r.get("skipped")])[0], "ci_lo": lo, "ci_hi": hi,
+            "raw": mean_std([r.get("test_score_raw") for r in mine])[0],
+            "calibrated": mean_std([r.get("test_score_calibrated") for r in mine])[0],
+            "p_baseline": p.get(m, math.nan),
+        })
+    return pd.DataFrame(out)
+
+
+def _transfer_md(entry: dict, table: pd.DataFrame) -> list[str]:
+    rows = [[md_cell(r.method), str(r.seeds) + (f" (+{r.skipped} skipped)" if r.skipped else ""), fmt(r.source_test),
+             fmt(r.test), interval(r.ci_lo, r.ci_hi),
+             f"{fmt(r.raw)} → {fmt(r.calibrated)}" if math.isfinite(_number(r.raw)) else "-", pvalue(r.p_baseline)]
+            for r in table.itertuples()]
+    sources = ", ".join(map(md_cell, entry.get("source_models", [])))
+    out = [f"### {md_cell(entry.get('task', '?'), None)} with {md_cell(entry.get('scorer_model', '?'), None)}", "",
+           f"Every trial's best prompt (found on {sources}) scored on all {entry.get('n_test', '?')} test examples "
+           f"of {md_cell(entry.get('task', '?'), None)}" + (" on the same model." if entry.get("same_model") else
+                                                              " on another model."), "",
+           md_table(["method", "seeds", "source test", "target test", "95% CI (test examples)", "raw → calibrated",
+                     f"p vs {BASELINE}"], rows), ""]
+    for r in table.itertuples():
+        if r.skipped:
+            out.append(f"- {md_cell(r.method)}: {r.skipped} skipped: {md_cell(r.why, None)}")
+    return out + [""]
+
+
+def calibration_table(run: Run, task: str) -> pd.DataFrame | None:
+    """Per method: raw and contextually calibrated test score, each with its interval, and the
+    paired p-value of the difference; ``None`` when the task was not calibratable."""
+    out = []
+    for m, rows in _by_method(run.ok, task).items():
+        raw, cal = score_matrix(run, rows, "score_raw"), score_matrix(run, rows, "score_calibrated")
+        if raw is None or cal is None:
+            continue
+        (raw_lo, raw_hi), (cal_lo, cal_hi) = bootstrap_interval(raw), bootstrap_interval(cal)
+        out.append({"method": m, "raw": float(raw.mean()), "raw_lo": raw_lo, "raw_hi": raw_hi,
+                    "calibrated": float(cal.mean()), "cal_lo": cal_lo, "cal_hi": cal_hi, "p": _p(raw, cal)})
+    return pd.DataFrame(out) if out else None
 
 
 def _colors(run: Run) -> dict[str, tuple]:
@@ -239,27 +431,55 @@ def _png(kind: str, task: str) -> str:
 
 
 def plot_best_so_far(run: Run, task: str, path: Path) -> Path | None:
-    """Best-so-far dev score vs scorer calls, mean over seeds with a min-max band."""
-    curves, colors = method_curves(run, task), _colors(run)
-    if not curves:
+    """Best-so-far dev score against example-evaluations, tokens and seconds (one panel each),
+    mean over seeds with a min-max band; the example budget as a dotted line."""
+    panels = {x: method_curves(run, task, x) for x in X_AXES}
+    if not any(panels.values()):
         return None
-    fig = Figure(figsize=(8, 4.8))  # a bare Figure renders with Agg: no pyplot, no global backend
-    ax = fig.subplots()
-    for method, (n, (x, mean, lo, hi)) in curves.items():
-        label, c = f"{method} ({n} seed{'s' * (n > 1)})", colors[method]
-        if method == BASELINE or x.size == 1:
-            ax.axhline(mean[-1], color=c, ls="--", lw=1.2, label=f"{label}: {mean[-1]:.3f}")
-            continue
-        ax.step(x, mean, where="post", color=c, lw=2, label=label)
-        ax.fill_between(x, lo, hi, step="post", color=c, alpha=0.15, lw=0)
-        ax.plot(x[-1], mean[-1], "o", color=c, ms=4)
-    xs = np.concatenate([x for _, (x, *_) in curves.values()])
-    if xs.min() > 0 and xs.max() / xs.min() > 50:
-        ax.set_xscale("log")
-    ax.set(xlabel="cumulative scorer calls", ylabel="best dev score so far",
-           title=f"{task}: best-so-far dev score (mean over seeds, band = min-max)")
-    ax.grid(alpha=0.3)
+    colors, span = _colors(run), budget_span(run, task)
+    fig = Figure(figsize=(16, 4.8))  # a bare Figure renders with Agg: no pyplot, no global backend
+    for ax, (x_key, curves) in zip(fig.subplots(1, len(panels)), panels.items()):
+        for method, (n, (x, mean, lo, hi)) in curves.items():
+            label, c = f"{method} ({n} seed{'s' * (n > 1)})", colors[method]
+            if method in BASELINES or x.size == 1:
+                ax.axhline(mean[-1], color=c, ls="--", lw=1.2, label=f"{label}: {mean[-1]:.3f}")
+                continue
+            ax.step(x, mean, where="post", color=c, lw=2, label=label)
+            ax.fill_between(x, lo, hi, step="post", color=c, alpha=0.15, lw=0)
+            ax.plot(x[-1], mean[-1], "o", color=c, ms=4)
+        xs = np.concatenate([x for _, (x, *_) in curves.values()]) if curves else np.zeros(0)
+        if xs.size and xs.min() > 0 and xs.max() / xs.min() > 50:
+            ax.set_xscale("log")
+        if x_key == "scorer_examples" and math.isfinite(span):
+            ax.axvline(span, color="black", ls=":", lw=1)
+        ax.set(xlabel=X_AXES[x_key], ylabel="best dev score so far")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{task}: best-so-far dev score against cost (mean over seeds, band = min-max)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a curve
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_cost_quality(run: Run, task: str, path: Path) -> Path | None:
+    """Test score against the example-evaluations each method used: one point per method (mean
+    over seeds, bars = 95% bootstrap interval over test examples), faint points per seed."""
+    board, colors = leaderboard(run, task), _colors(run)
+    if board.empty or not np.isfinite(board["examples"]).any():
+        return None
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.subplots()
+    for r in board.itertuples():
+        c = colors[r.method]
+        for t in _by_method(run.ok, task)[r.method]:
+            ax.plot(_number(t.get("scorer_examples")), _number(t.get("test_score")), ".", color=c, alpha=0.35)
+        err = [[max(r.test - r.ci_lo, 0)], [max(r.ci_hi - r.test, 0)]] if math.isfinite(r.ci_lo) else None
+        ax.errorbar(r.examples, r.test, yerr=err, fmt="o", color=c, capsize=3, label=f"{r.method}: {r.test:.3f}")
+    if math.isfinite(span := budget_span(run, task)):
+        ax.axvline(span, color="black", ls=":", lw=1, label=f"budget: {span:,.0f}")
+    ax.set(xlabel="scorer example-evaluations used per trial", ylabel="test score",
+           title=f"{task}: test score against budget used")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
@@ -298,7 +518,7 @@ def plot_paths(run_dir: Path | str) -> list[Path]:
 
 def _plots(run: Run) -> list[Path]:
     made = [plot(run, task, run.dir / _png(kind, task)) for task in _tasks(run)
-            for kind, plot in (("best_so_far", plot_best_so_far), ("test", plot_test))]
+            for kind, plot in (("best_so_far", plot_best_so_far), ("test", plot_test), ("cost", plot_cost_quality))]
     return [p for p in made if p is not None]
 
 
@@ -326,13 +546,55 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _summary_md(table: pd.DataFrame) -> str:
-    header = ["method", "family", "seeds", "dev (mean ± std)", "test (mean ± std)", "scorer calls",
+    header = ["method", "family", "seeds", "dev (mean ± std)", "test (mean ± std)", "scorer examples", "scorer calls",
               "tokens (scorer+proposer)", "wall s", "best prompt (best-dev seed)"]
     return md_table(header, [[
         md_cell(r.method), r.family, f"{r.seeds}" + (f" (+{r.failed} failed)" if r.failed else ""),
-        pm(r.dev_mean, r.dev_std), pm(r.test_mean, r.test_std), fmt(r.scorer_calls, 0), fmt(r.tokens, 0),
-        fmt(r.wall_s, 1), md_cell(r.best_prompt),
+        pm(r.dev_mean, r.dev_std), pm(r.test_mean, r.test_std), fmt(r.scorer_examples, 0), fmt(r.scorer_calls, 0),
+        fmt(r.tokens, 0), fmt(r.wall_s, 1), md_cell(r.best_prompt) if r.best_prompt.strip() else "_(no instruction)_",
     ] for r in table.itertuples()])
+
+
+def pvalue(p: float) -> str:
+    if not math.isfinite(p):
+        return "-"
+    return ("<0.001" if p < 0.001 else f"{p:.3f}") + (" *" if p < 0.05 else "")
+
+
+def interval(lo: float, hi: float) -> str:
+    return "-" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _leaderboard_md(board: pd.DataFrame) -> str:
+    header = ["rank", "method", "seeds", "test", "95% CI (test examples)", "95% CI (seeds)", f"p vs {BASELINE}",
+              "p vs best", "examples used", "anytime", "dev − test", "raw → calibrated"]
+    rows = [[
+        str(r.rank), md_cell(r.method), str(r.seeds), fmt(r.test), interval(r.ci_lo, r.ci_hi),
+        interval(r.seed_lo, r.seed_hi), pvalue(r.p_baseline), pvalue(r.p_best), fmt(r.examples, 0), fmt(r.anytime),
+        (f"{r.gap:+.3f}" if math.isfinite(r.gap) else "-") + (" ⚠ overfit" if r.overfit else ""),
+        f"{fmt(r.raw)} → {fmt(r.calibrated)}" if math.isfinite(_number(r.raw)) else "-",
+    ] for r in board.itertuples()]
+    return md_table(header, rows)
+
+
+def _calibration_md(table: pd.DataFrame) -> str:
+    rows = [[md_cell(r.method), f"{r.raw:.3f} {interval(r.raw_lo, r.raw_hi)}",
+             f"{r.calibrated:.3f} {interval(r.cal_lo, r.cal_hi)}", f"{r.calibrated - r.raw:+.3f}", pvalue(r.p)]
+            for r in table.itertuples()]
+    return md_table(["method", "raw test (95% CI)", "calibrated test (95% CI)", "change", "p (paired)"], rows)
+
+
+LEADERBOARD_NOTE = (
+    "Ranked by mean test score over seeds. **95% CI (test examples)**: BCa bootstrap (9,999 resamples) of the "
+    "mean per-example score, each example's score averaged over the method's seeds; **95% CI (seeds)**: "
+    "t-interval over seeds. **p**: two-sided paired permutation test (9,999 resamples) on the same per-example "
+    f"scores against `{BASELINE}` and against the top-ranked method, Holm-corrected across the methods in each "
+    "column; * marks p < 0.05. **examples used**: scorer example-evaluations per trial (one prompt on one "
+    "example = 1), the budget's unit. **anytime**: area under the best-so-far dev curve over the example "
+    "budget, divided by it (0 before a method's first full-dev score). **dev − test**: a large positive gap "
+    "means selection on the small dev set overfit; ⚠ marks a gap above two standard errors of a dev score. "
+    "**raw → calibrated**: test score with and without contextual calibration (label probabilities divided "
+    "by those of content-free inputs, Zhao et al. 2021); whichever the task selects with is the test column.")
 
 
 def _family_md(table: pd.DataFrame) -> str:
@@ -386,9 +648,20 @@ def _gold(gold) -> str:
     return " / ".join(map(str, gold)) if isinstance(gold, list) else str(gold)
 
 
-def _task_md(task: str, tables: dict[str, pd.DataFrame], plots: set[str]) -> list[str]:
-    out = [f"## {md_cell(task, None)}", "", _summary_md(tables[f"summary/{task}"]), ""]
-    for name, alt in ((_png("best_so_far", task), "best-so-far dev score"), (_png("test", task), "test metric")):
+def _task_md(run: Run, task: str, tables: dict[str, pd.DataFrame], plots: set[str]) -> list[str]:
+    out = [f"## {md_cell(task, None)}", ""]
+    board = tables.get(f"leaderboard/{task}")
+    if board is not None and not board.empty:
+        metric = next((r.get("metric") for r in run.ok if r.get("task") == task and r.get("metric")), "")
+        note = (f" The task's metric is {metric}: intervals and tests use per-example accuracy." if metric in
+                NON_MEAN_METRICS else "")
+        out += ["### Leaderboard", "", _leaderboard_md(board), "", LEADERBOARD_NOTE + note, ""]
+    if f"calibration/{task}" in tables:
+        out += ["### Raw and calibrated test scores", "", _calibration_md(tables[f"calibration/{task}"]), "",
+                "A method whose gain disappears under calibration mostly shifted the model's label prior.", ""]
+    out += ["### Cost, spread and prompts", "", _summary_md(tables[f"summary/{task}"]), ""]
+    for name, alt in ((_png("best_so_far", task), "best-so-far dev score"), (_png("cost", task), "test score against budget"),
+                      (_png("test", task), "test metric")):
         link = f"![{alt}: {md_cell(task, None)}]({name})"
         out += [link if name in plots else f"_No {alt} plot: nothing logged._", ""]
     if f"groups/{task}" in tables:
@@ -408,9 +681,14 @@ def render(run: Run, tables: dict[str, pd.DataFrame], plots: Sequence[Path]) -> 
            "Mean ± std over seeds (std with ddof=1, '-' for one seed); NaN scores are left out of means. "
            "Cost columns are means per trial. The best prompt is that of the seed with the best dev score.", ""]
     for task in tasks:
-        out += _task_md(task, tables, {p.name for p in plots})
+        out += _task_md(run, task, tables, {p.name for p in plots})
     if not tasks:
         out += ["_No trial finished._", ""]
+    if entries := transfers(run):
+        out += ["## Transfer", "", "The run's prompts scored elsewhere (`python -m pipelines.transfer`). Intervals and "
+                "p-values as in the leaderboard, on the target's test examples.", ""]
+        for entry in entries:
+            out += _transfer_md(entry, tables[f"transfer/{entry['file'].removesuffix('.json')}"])
     if "failures" in tables:
         rows = [[md_cell(v) for v in r] for r in tables["failures"].itertuples(index=False)]
         out += ["## Failed trials", "", md_table(list(tables["failures"].columns), rows), ""]

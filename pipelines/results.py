@@ -76,21 +76,31 @@ class EvalLog:
         return len(records) - len(keep)
 
 
-def example_records(task, predictions) -> list[dict]:
+def example_records(task, raw, calibrated=None) -> list[dict]:
     """One record per test example: its input, what the prompt made of it, the gold, and the verdict.
 
-    On a generative task ``output`` is what the model wrote and ``answer`` what the task's
-    extractor read out of it; on a label task ``output`` is the predicted label word.
+    On a generative task ``output`` is what the model wrote, ``answer`` what the task's
+    extractor read out of it and ``score`` its metric value. On a label task ``output`` is
+    the predicted label word, ``score`` is 1 or 0, and with ``calibrated`` predictions each
+    record also has ``score_raw`` and ``score_calibrated``; ``output``/``score`` are then
+    those the task selects with (its ``calibration`` setting). The report's intervals and
+    paired tests are computed from these per-example scores.
     """
+    headline = calibrated if calibrated is not None and getattr(task, "calibration", "none") == "contextual" else raw
     out = []
-    for ex, pred in zip(task.test, predictions):
+    for i, (ex, pred) in enumerate(zip(task.test, headline)):
         rec = {"input": "\n".join(input_texts([ex])), "output": task.shown(pred, ex)}
         if is_generative(task):
             rec["answer"] = task.extract(pred)
             rec["gold"] = list(ex.answers)
-            rec["score"] = task.example_score(pred, ex)
+            rec["score"] = float(task.example_score(pred, ex))
         else:
             rec["gold"] = task.answer_text(ex)
+            rec["pred"], rec["label"] = int(pred), int(ex.label)
+            rec["score"] = float(task.is_correct(pred, ex))
+            if calibrated is not None:
+                rec["score_raw"] = float(task.is_correct(raw[i], ex))
+                rec["score_calibrated"] = float(task.is_correct(calibrated[i], ex))
         rec["correct"] = bool(task.is_correct(pred, ex))
         out.append(rec)
     return out

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-COLUMNS = ("method", "seed", "best prompt", "dev", "test", "LM calls", "tokens", "wall s")
+COLUMNS = ("method", "seed", "best prompt", "dev", "test", "examples", "LM calls", "tokens", "wall s")
 
 
 def format_params(params: dict) -> str:
@@ -24,22 +24,24 @@ def _prompt(text: str, width: int = 60) -> str:
 
 
 def table_rows(rows: Sequence[dict]) -> list[tuple[str, ...]]:
-    """One printable row per trial: LM calls and tokens add the scorer's and the proposer's."""
+    """One printable row per trial: scorer example-evaluations (the budget's unit); LM calls and tokens
+    add the scorer's and the proposer's."""
     out = []
     for r in rows:
         if r.get("status") == "stopped":
             params = format_params(r.get("params") or {})
             out.append((r["method"], str(r["seed"]), _prompt(f"stopped early at step {r.get('steps')} {params}".strip()),
-                        _fmt(r.get("dev_score")), "-", "-", "-", "-"))
+                        _fmt(r.get("dev_score")), "-", "-", "-", "-", "-"))
             continue
         if r.get("status") != "ok":
-            out.append((r["method"], str(r["seed"]), f"FAILED: {_prompt(r.get('error', ''), 70)}", "-", "-", "-", "-", "-"))
+            out.append((r["method"], str(r["seed"]), f"FAILED: {_prompt(r.get('error', ''), 70)}", "-", "-", "-", "-", "-", "-"))
             continue
         calls = int(r.get("scorer_calls", 0) + r.get("proposer_calls", 0))
         tokens = int(r.get("scorer_tokens", 0) + r.get("proposer_tokens", 0))
         out.append((
             r["method"], str(r["seed"]), _prompt(r["best_prompt"]), _fmt(r.get("dev_score")),
-            _fmt(r.get("test_score")), str(calls), f"{tokens:,}", f"{r.get('wall_s', 0):.0f}",
+            _fmt(r.get("test_score")), f"{int(r.get('scorer_examples', 0)):,}", str(calls), f"{tokens:,}",
+            f"{r.get('wall_s', 0):.0f}",
         ))
     return out
 

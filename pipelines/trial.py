@@ -19,7 +19,7 @@ import numpy as np
 import ray
 from ray import tune
 
-from methods.evaluate import predict
+from methods.evaluate import predict_raw_and_calibrated
 from methods.lm import EXPORT_PROMPT, PrefixPrompt, SoftPrompt, TokenPrompt
 from pipelines.lm.budget import Budget, BudgetExhausted, Price
 from pipelines.lm.pool import connect
@@ -91,7 +91,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         run["step"] += 1
         run["elapsed"] += time.perf_counter() - start
         run["dev_score"] = float(report.metrics.get("dev_score", float("nan")))
-        log.append(_records(spec, trial_id, run["step"], report, scorer))
+        log.append(_records(spec, trial_id, run, report, scorer, proposer))
         metrics = {**report.metrics, **_usage(run, scorer, proposer)}
         _progress(spec, run, metrics)
         _report_with_checkpoint(metrics, run, scorer, proposer)
@@ -112,7 +112,8 @@ def _lm(ctx: TrialContext, role: str) -> RoleLM:
 def _progress(spec: dict, run: dict, metrics: dict) -> None:
     print(
         f"[{_label(spec)}] step {run['step']}: dev_score={metrics.get('dev_score', float('nan')):.3f} "
-        f"scorer_calls={int(metrics['scorer_calls'])} ({run['elapsed']:.0f}s)", flush=True,
+        f"scorer_examples={int(metrics['scorer_examples']):,} scorer_calls={int(metrics['scorer_calls'])} "
+        f"({run['elapsed']:.0f}s)", flush=True,
     )
 
 
@@ -136,13 +137,15 @@ def _restore(log: EvalLog, scorer: RoleLM, proposer: RoleLM) -> dict | None:
     return run
 
 
-def _records(spec: dict, trial_id: str, step: int, report, scorer: RoleLM) -> list[dict]:
-    base = {"trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"], "step": step}
+def _records(spec: dict, trial_id: str, run: dict, report, scorer: RoleLM, proposer: RoleLM) -> list[dict]:
+    base = {"trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"],
+            "step": run["step"]}
+    # What the method had asked for when the step ended, cache hits included: the x-axes of
+    # best-so-far curves must not depend on what an earlier run left in the cache.
+    cost = {"scorer_examples": scorer.meter.examples, "scorer_calls": scorer.meter.charged_calls(),
+            "tokens": scorer.meter.charged_tokens() + proposer.meter.charged_tokens(), "wall_s": run["elapsed"]}
     return [
-        {**base, "idx": i, "prompt": e.prompt, "score": e.score, "n": e.n, "kind": e.kind,
-         # calls the method asked for, cache hits included: the x-axis of best-so-far plots must
-         # not depend on what an earlier run left in the cache
-         "scorer_calls": scorer.meter.charged_calls(), "time": time.time()}
+        {**base, "idx": i, "prompt": e.prompt, "score": e.score, "n": e.n, "kind": e.kind, **cost, "time": time.time()}
         for i, e in enumerate(report.evaluated)
     ]
 
@@ -166,7 +169,10 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
     """Score the final best prompt on test (the only time test data is touched) and record it."""
     start = time.perf_counter()
     best = method.best(run["state"])
-    preds = predict(task, best, task.test, scorer.unbudgeted)
+    # Raw and calibrated predictions come from one call, so every method's report shows whether
+    # it found a better instruction or only a shifted label prior.
+    raw, cal = predict_raw_and_calibrated(task, best, task.test, scorer.unbudgeted)
+    preds = cal if cal is not None and task.calibration == "contextual" else raw
     run["elapsed"] += time.perf_counter() - start
     result = {
         "trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"],
@@ -174,7 +180,11 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         "params": spec.get("sampled", {}), "prompt_kind": type(best).__name__,
         "best_prompt": best.describe(), "dev_score": run.get("dev_score", float("nan")),
         "test_score": task.score(preds, task.test), "test_groups": _groups(task, preds),
-        "n_test": len(task.test), "steps": run["step"], **_usage(run, scorer, proposer),
+        "test_score_raw": task.score(raw, task.test) if cal is not None else None,
+        "test_score_calibrated": task.score(cal, task.test) if cal is not None else None,
+        "metric": task.metric, "calibration": getattr(task, "calibration", "none"),
+        "n_test": len(task.test), "n_dev": len(task.dev), "steps": run["step"],
+        "budget_examples": Budget.parse(ctx.budget).scorer.examples, **_usage(run, scorer, proposer),
         "node": ray.get_runtime_context().get_node_id(),  # the cluster node that finished it
     }
     if isinstance(best, TokenPrompt):
@@ -183,8 +193,13 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         kind = "prefix" if isinstance(best, PrefixPrompt) else "soft_prompt"
         out = Path(ctx.run_dir) / "artifacts" / trial_id / kind
         result["artifact"] = scorer.unbudgeted.export_prompt(best, str(out))
+    # The prompt itself (vectors included), for `python -m pipelines.transfer` to score elsewhere.
+    saved = Path(ctx.run_dir) / "prompts" / f"{trial_id}.pkl"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_bytes(pickle.dumps(best))
+    result["prompt_file"] = str(saved.relative_to(ctx.run_dir))
     outputs = Path(ctx.run_dir) / "outputs" / f"{trial_id}.jsonl"
-    write_jsonl(outputs, example_records(task, preds))
+    write_jsonl(outputs, example_records(task, raw, cal))
     result["outputs"] = str(outputs.relative_to(ctx.run_dir))
     write_json(Path(ctx.run_dir) / "trials" / f"{trial_id}.json", result)
     print(f"[{_label(spec)}] done: test_score={result['test_score']:.3f} on {len(task.test)} "

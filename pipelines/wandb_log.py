@@ -11,9 +11,10 @@ from pathlib import Path
 
 from pipelines.results import read_jsonl
 
-EVAL_COLUMNS = ["method", "seed", "step", "kind", "prompt", "score", "n", "scorer_calls"]
+EVAL_COLUMNS = ["method", "seed", "step", "kind", "prompt", "score", "n", "scorer_examples", "scorer_calls", "tokens", "wall_s"]
 SUMMARY_COLUMNS = ["method", "task", "seed", "prompt_kind", "best_prompt", "dev_score", "test_score",
-                   "scorer_calls", "scorer_tokens", "proposer_calls", "wall_s", "status"]
+                   "test_score_raw", "test_score_calibrated", "scorer_examples", "scorer_calls", "scorer_tokens",
+                   "proposer_calls", "wall_s", "status"]
 
 
 def log_run(cfg: dict, rows: list[dict], run_dir: Path) -> None:

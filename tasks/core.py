@@ -74,6 +74,11 @@ class Task:
         metric: name in :data:`METRICS`.
         length_normalize: divide each choice's log-likelihood by its length in characters
             before the argmax (the cloze form of multiple choice, where options differ in length).
+        calibration: ``"none"``, or ``"contextual"`` (Zhao et al. 2021, "Calibrate before use"):
+            each prompt's label probabilities are divided by those it gives content-free inputs
+            before the argmax, in dev selection and on test alike (see :meth:`content_free_examples`).
+        content_free: the content-free strings; every template field is filled with each in
+            turn and their label probabilities averaged (the paper's "N/A", "" and "[MASK]").
     """
 
     kind: ClassVar[str] = "label"
@@ -87,6 +92,8 @@ class Task:
     test: tuple[Example, ...]
     metric: str = "accuracy"
     length_normalize: bool = False
+    calibration: str = "none"
+    content_free: tuple[str, ...] = ("N/A", "", "[MASK]")
     fields: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +101,15 @@ class Task:
         check_label_words(self.verbalizer, f"task {self.name!r}")
         for split_name in ("train", "dev", "test"):
             self._check_split(split_name, getattr(self, split_name))
+        check_calibration(self)
+
+    def calibratable(self) -> bool:
+        """Contextual calibration needs one label set for all examples (not per-example options)."""
+        return all(ex.choices is None for ex in self.train + self.dev + self.test)
+
+    def content_free_examples(self) -> tuple[Example, ...]:
+        """One example per content-free string, with that string in every template field."""
+        return tuple(Example(inputs={f: s for f in self.fields}, label=0) for s in self.content_free)
 
     def _check_split(self, split_name: str, examples: Sequence[Example]) -> None:
         for i, ex in enumerate(examples):
@@ -141,6 +157,19 @@ class Task:
         if name not in ("train", "dev", "test"):
             raise TaskError(f"unknown split {name!r}; expected train, dev or test")
         return getattr(self, name)
+
+
+CALIBRATIONS = ("none", "contextual")
+
+
+def check_calibration(task: Task) -> None:
+    if task.calibration not in CALIBRATIONS:
+        raise TaskError(f"task {task.name!r}: calibration={task.calibration!r}; expected one of {list(CALIBRATIONS)}")
+    if task.calibration == "contextual" and not task.calibratable():
+        raise TaskError(f"task {task.name!r}: contextual calibration needs one label set for every example; "
+                        "this task's examples bring their own options (cloze form)")
+    if task.calibration == "contextual" and not task.content_free:
+        raise TaskError(f"task {task.name!r}: contextual calibration needs at least one content_free string")
 
 
 def template_fields(name: str, template: str, metric: str, known: Mapping) -> tuple[str, ...]:

@@ -43,14 +43,15 @@ BINARY_WORDS = (" negative", " positive")
 
 
 def _sentence_task(
-    name: str, splits: Sequence[Sequence[tuple[str, int]]], template: str, label_words: Sequence[str], instruction: str
+    name: str, splits: Sequence[Sequence[tuple[str, int]]], template: str, label_words: Sequence[str], instruction: str,
+    calibration: str = "none",
 ) -> Task:
     """A single-sentence classification task from ``(sentence, label)`` rows per split."""
     train, dev, test = ([Example(inputs={"sentence": s}, label=y) for s, y in rows] for rows in splits)
     require_splits((train, dev, test), f"task {name!r}")
     return Task(
         name=name, template=template, verbalizer=tuple(label_words), instruction=instruction,
-        train=tuple(train), dev=tuple(dev), test=tuple(test),
+        train=tuple(train), dev=tuple(dev), test=tuple(test), calibration=calibration,
     )
 
 
@@ -64,6 +65,7 @@ def sst2(
     template: str = REVIEW_TEMPLATE,
     label_words: Sequence[str] = BINARY_WORDS,
     hub_fallback: bool = False,
+    calibration: str = "none",
 ) -> Task:
     """SST-2: optimize on seeded, disjoint train/dev draws from GLUE train; test on GLUE dev.
 
@@ -80,6 +82,7 @@ def sst2(
         hub_fallback: when the files are missing, load ``stanfordnlp/sst2`` from the Hugging
             Face hub instead (needs a network and ``datasets``); off by default so a wrong
             ``data_dir`` fails loudly instead of silently downloading.
+        calibration: ``"none"`` or ``"contextual"`` (see :class:`tasks.core.Task`).
     """
     try:
         pool = read_glue_tsv(data_file(data_dir, "sst2", "glue", "train.tsv"))
@@ -90,7 +93,7 @@ def sst2(
         pool, report = sst2_from_hub()
     train, dev = seeded_split(pool, [n_train, n_dev], seed, "sst2 train.tsv")
     test = draw(report, n_test, seed, "sst2 dev.tsv")
-    return _sentence_task("sst2", (train, dev, test), template, label_words, instruction)
+    return _sentence_task("sst2", (train, dev, test), template, label_words, instruction, calibration)
 
 
 def sst5(
@@ -102,6 +105,7 @@ def sst5(
     instruction: str = "Classify the sentiment of the movie review as terrible, bad, okay, good or great.",
     template: str = REVIEW_TEMPLATE,
     label_words: Sequence[str] = (" terrible", " bad", " okay", " good", " great"),
+    calibration: str = "none",
 ) -> Task:
     """SST-5 (fine-grained, labels 0-4) from its fixed train/dev/test files.
 
@@ -109,14 +113,14 @@ def sst5(
         data_dir: the benchmark data directory (holds ``sst5/stsa.fine.{train,dev,test}``).
         n_train, n_dev: seeded draws from the train (8,544) and dev (1,101) files.
         n_test: draw from the test file (2,210); 0 means all of it.
-        seed, instruction, template, label_words: as for :func:`sst2`.
+        seed, instruction, template, label_words, calibration: as for :func:`sst2`.
     """
     files = ("stsa.fine.train", "stsa.fine.dev", "stsa.fine.test")
     splits = [
         draw(read_label_lines(data_file(data_dir, "sst5", f)), n, seed, f"sst5/{f}")
         for f, n in zip(files, (n_train, n_dev, n_test), strict=True)
     ]
-    return _sentence_task("sst5", splits, template, label_words, instruction)
+    return _sentence_task("sst5", splits, template, label_words, instruction, calibration)
 
 
 def mr(
@@ -128,6 +132,7 @@ def mr(
     instruction: str = SENTIMENT_INSTRUCTION,
     template: str = REVIEW_TEMPLATE,
     label_words: Sequence[str] = BINARY_WORDS,
+    calibration: str = "none",
 ) -> Task:
     """MR (movie-review snippets, 10,662; 1 = positive): one file, split here by ``seed``.
 
@@ -135,11 +140,11 @@ def mr(
         data_dir: the benchmark data directory (holds ``mr/rt-polarity.all``, Latin-1).
         n_train, n_dev: sizes of the seeded train and dev draws.
         n_test: size of the test draw; 0 means every remaining sentence.
-        seed, instruction, template, label_words: as for :func:`sst2`.
+        seed, instruction, template, label_words, calibration: as for :func:`sst2`.
     """
     rows = read_label_lines(data_file(data_dir, "mr", "rt-polarity.all"), encoding="latin-1")
     splits = seeded_split(rows, [n_train, n_dev, n_test or None], seed, "mr/rt-polarity.all")
-    return _sentence_task("mr", splits, template, label_words, instruction)
+    return _sentence_task("mr", splits, template, label_words, instruction, calibration)
 
 
 def cr(
@@ -151,16 +156,17 @@ def cr(
     instruction: str = "Classify the sentiment of the product review as positive or negative.",
     template: str = REVIEW_TEMPLATE,
     label_words: Sequence[str] = BINARY_WORDS,
+    calibration: str = "none",
 ) -> Task:
     """CR (customer reviews, 3,775; 1 = positive): one file, split here by ``seed``.
 
     Args:
         data_dir: the benchmark data directory (holds ``cr/custrev.all``).
-        n_train, n_dev, n_test, seed, instruction, template, label_words: as for :func:`mr`.
+        n_train, n_dev, n_test, seed, instruction, template, label_words, calibration: as for :func:`mr`.
     """
     rows = read_label_lines(data_file(data_dir, "cr", "custrev.all"))
     splits = seeded_split(rows, [n_train, n_dev, n_test or None], seed, "cr/custrev.all")
-    return _sentence_task("cr", splits, template, label_words, instruction)
+    return _sentence_task("cr", splits, template, label_words, instruction, calibration)
 
 
 def bbh(
@@ -174,6 +180,7 @@ def bbh(
     template: str = "{instruction}\n\nQ: {input}\nA:",
     max_labels: int = 10,
     min_label_count: int = 2,
+    calibration: str = "none",
 ) -> Task:
     """A BIG-Bench Hard task whose answers come from a fixed set, scored answer-only.
 
@@ -208,7 +215,7 @@ def bbh(
         instruction = read_bbh_description(prompts) if prompts.is_file() else ""
     return Task(
         name=f"bbh_{task_name}", template=template, verbalizer=verbalizer,
-        instruction=instruction, train=splits[0], dev=splits[1], test=splits[2],
+        instruction=instruction, train=splits[0], dev=splits[1], test=splits[2], calibration=calibration,
     )
 
 
@@ -232,6 +239,7 @@ def mmlu(
     n_test: int = 0,
     seed: int = 0,
     instruction: str = "",
+    calibration: str = "none",
 ) -> Task:
     """MMLU in the standard k-shot format, as letter choice or as cloze.
 
@@ -256,6 +264,7 @@ def mmlu(
         n_val, n_test: seeded draws over all chosen subjects together; 0 means all.
         seed: fixes the draws.
         instruction: baseline text for the slot before the header (empty: the plain format).
+        calibration: ``"none"`` or ``"contextual"`` (letter form only; see :class:`tasks.core.Task`).
     """
     if form not in MMLU_TEMPLATES:
         raise TaskError(f"unknown mmlu form {form!r}; expected 'letter' or 'cloze'")
@@ -273,7 +282,7 @@ def mmlu(
         name="mmlu" if form == "letter" else "mmlu_cloze", template=MMLU_TEMPLATES[form],
         verbalizer=tuple(" " + x for x in MMLU_LETTERS), instruction=instruction,
         train=tuple(train), dev=draw(val, n_val, seed, "mmlu val"), test=draw(test, n_test, seed, "mmlu test"),
-        length_normalize=form == "cloze",
+        length_normalize=form == "cloze", calibration=calibration,
     )
 
 
@@ -341,6 +350,7 @@ def table(
     encoding: str = "utf-8",
     dev_path: str | None = None,
     test_path: str | None = None,
+    calibration: str = "none",
 ) -> Task:
     """A classification task from a user's CSV, TSV (header row) or JSONL file, split by ``seed``.
 
@@ -365,6 +375,7 @@ def table(
         encoding: the file's text encoding.
         dev_path, test_path: separate dev and test files (give both or neither); ``n_dev`` and
             ``n_test`` then draw from them (0: all of it).
+        calibration: ``"none"`` or ``"contextual"`` (see :class:`tasks.core.Task`).
 
     Raises:
         TaskError: one line naming the file, column, value or line at fault.
@@ -392,7 +403,7 @@ def table(
         instruction = f"Classify the text as one of: {words}."
     return Task(
         name=name, template=template, verbalizer=tuple(label_words), instruction=instruction,
-        train=splits[0], dev=splits[1], test=splits[2],
+        train=splits[0], dev=splits[1], test=splits[2], calibration=calibration,
     )
 
 

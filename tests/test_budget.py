@@ -9,8 +9,13 @@ import pytest
 
 from methods.lm import Request, TokenPrompt
 from methods.opro import OPRO
-from pipelines.lm.budget import Budget, BudgetedLM, BudgetExhausted, Limits, Price, projection
+from methods.lm import SoftPrompt
+from pipelines.lm.budget import Budget, BudgetedLM, BudgetExhausted, Limits, Price, projection, scored_examples
+from pipelines.plan import _load_group_yaml
+from tests.conftest import ROOT
+from tests.tiny import tiny_backend
 from pipelines.lm.cache import CachedLM, EvalStore
+from pipelines.lm.client import Meter
 from tests.conftest import run_cli
 from tests.fakes import PlantedLM, planted_task
 from tests.test_cache import Metered, requests
@@ -42,6 +47,102 @@ def test_a_run_capped_at_n_scorer_calls_makes_at_most_n(cap):
     assert scorer_lm.usage.budget_exhausted == 1 and proposer_lm.usage.budget_exhausted == 0
     assert steps == cap  # one scoring per step: the next step was refused and dropped whole
     assert best.text  # the best prompt so far is still there to report
+
+
+def test_an_example_evaluation_is_one_prompt_on_one_example():
+    labels = [Request("review one", " negative"), Request("review one", " positive")]
+    assert scored_examples(labels) == 1  # its label words are one evaluation
+    assert scored_examples(labels + [Request("review two", " negative")]) == 2
+    soft_a, soft_b = SoftPrompt(np.zeros((2, 4), np.float32)), SoftPrompt(np.zeros((2, 4), np.float32))
+    # two candidates on the same example are two, even when their vectors are equal
+    assert scored_examples([Request("x", " a", soft_a), Request("x", " b", soft_a), Request("x", " a", soft_b)]) == 2
+    assert scored_examples([Request("x", " a", TokenPrompt((1, 2))), Request("x", " a", TokenPrompt((1, 2)))]) == 1
+    lm = Metered(PlantedLM())
+    budgeted = BudgetedLM(lm, Limits())
+    budgeted.generate(["a", "b"], max_new_tokens=2, n=3, seed=0)  # one sample = one evaluation
+    budgeted.prompt_grad([("a", " c"), ("b", " c"), ("b", " d")], TokenPrompt((1,)))
+    assert lm.usage.examples == 2 * 3 + 2
+
+
+def test_an_example_cap_admits_exactly_the_cap_and_refuses_one_more():
+    lm = Metered(PlantedLM())
+    budgeted = BudgetedLM(lm, Limits(examples=10))
+    batch = [Request(f"case {i}", w) for i in range(6) for w in (" no", " yes")]
+    budgeted.loglikelihood(batch)  # 6 of 10
+    with pytest.raises(BudgetExhausted, match="6 of 10 example-evaluations used, the next call needs 5"):
+        budgeted.loglikelihood([Request(f"more {i}", " no") for i in range(5)])  # would be 11: one too many
+    assert lm.lm.calls == 1 and lm.usage.examples == 6  # refused before dispatch, nothing charged
+    budgeted.loglikelihood([Request(f"more {i}", " no") for i in range(4)])  # exactly 10: allowed
+    with pytest.raises(BudgetExhausted, match="10 of 10"):
+        budgeted.generate(["x"], max_new_tokens=2, seed=0)
+    assert lm.lm.calls == 2 and lm.usage.examples == 10
+
+
+class CountingLM:
+    """Counts the example-evaluations that reach it, independently of the budget's own count."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.examples = inner, 0
+        self.usage = Meter()
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def loglikelihood(self, requests):
+        requests = list(requests)
+        self.examples += len({(r.context, id(r.prompt) if isinstance(r.prompt, SoftPrompt) else r.prompt) for r in requests})
+        return self.inner.loglikelihood(requests)
+
+    def generate(self, contexts, **kw):
+        contexts = list(contexts)
+        self.examples += len(contexts) * kw.get("n", 1)
+        return self.inner.generate(contexts, **kw)
+
+    def prompt_grad(self, requests, prompt):
+        requests = list(requests)
+        self.examples += len({r[0] for r in requests})
+        return self.inner.prompt_grad(requests, prompt)
+
+
+SMALL = {"n_eval": 12, "n_prompts": 3, "rounds": 20, "max_new_tokens": 6, "n_virtual": 2, "batch_size": 4, "eval_every": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_backend()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")))
+def test_every_method_stops_within_its_example_budget(name, tiny):
+    """Run each method's own config into a cap on the tiny model: the cap is met, never passed."""
+    import dataclasses
+
+    import hydra.utils
+
+    cfg = _load_group_yaml("method", name, [ROOT / "conf"])
+    method = hydra.utils.instantiate(cfg)
+    fields = {f.name for f in dataclasses.fields(method)}
+    method = dataclasses.replace(method, **{k: v for k, v in SMALL.items() if k in fields})
+    task, rng = planted_task(n_dev=12), np.random.default_rng(0)
+    cap = 60
+    # Text methods score on the planted LM (their meta-prompts outgrow the tiny model's context);
+    # gradient methods on the tiny model, which has gradients.
+    scorer_inner = CountingLM(tiny if method.needs().scorer else PlantedLM())
+    proposer_inner = CountingLM(PlantedLM())
+    scorer = BudgetedLM(scorer_inner, Limits(examples=cap), "scorer")
+    proposer = BudgetedLM(proposer_inner, Limits(), "proposer")
+    state, steps = method.init(task, scorer, proposer, rng), 0
+    try:
+        while steps < 40 and not method.done(state):
+            state, _ = method.step(state, task, scorer, proposer, rng)
+            steps += 1
+    except BudgetExhausted:
+        pass
+    assert scorer_inner.examples == scorer_inner.usage.examples <= cap, name
+    if name not in ("manual", "empty"):  # one 12-example evaluation: nothing to run into
+        assert scorer_inner.usage.budget_exhausted == 1, f"{name} finished before its budget ({steps} steps)"
 
 
 def test_tokens_overshoot_by_at_most_one_batch():
@@ -114,6 +215,7 @@ def test_money_is_priced_from_the_counted_tokens():
         ({"scorer": {"calls": 0}}, "positive"),
         ({"proposer": {"usd": "lots"}}, "budget.proposer.usd='lots'"),
         ({"scorer": {"calls": 2.5}}, "integer"),
+        ({"scorer": {"examples": 0}}, "budget.scorer.examples=0"),
         ({"scorer": {"requests": 3}}, "unknown key"),
         ({"judge": {}}, "unknown key"),
     ],

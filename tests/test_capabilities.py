@@ -49,11 +49,11 @@ TEXT = ["ape", "opro", "protegi", "evoprompt", "evoprompt_de", "promptbreeder", 
 
 def test_every_method_config_declares_its_needs():
     names = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
-    assert set(TEXT) | {"manual", "autoprompt", "soft_prompt", "p_tuning", "prefix_tuning"} == set(names)
+    assert set(TEXT) | {"manual", "empty", "autoprompt", "soft_prompt", "p_tuning", "prefix_tuning"} == set(names)
     for name in TEXT:
         assert _needs(name) == Needs(proposer=frozenset({GENERATE})), name
     assert _needs("grips", paraphrase=False) == Needs()  # only paraphrases call the proposer
-    assert _needs("manual") == Needs()
+    assert _needs("manual") == _needs("empty") == Needs()
     grads = frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS})
     assert _needs("autoprompt") == _needs("soft_prompt") == _needs("p_tuning") == Needs(scorer=grads)
     assert _needs("prefix_tuning") == Needs(scorer=grads | {PREFIX_STATES})

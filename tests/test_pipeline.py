@@ -169,3 +169,73 @@ def test_a_generative_task_saves_every_test_output_and_reports_wrong_answers(tmp
         assert all({"output", "answer", "gold", "correct"} <= set(s) for s in saved)
     report = (run_dir / "report.md").read_text()
     assert "Wrong answers" in report or all(s["correct"] for r in trials for s in read_jsonl(run_dir / r["outputs"]))
+
+
+def run_transfer(*args: str, timeout: int = 600):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", "pipelines.transfer", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "WANDB_SILENT": "true"})
+
+
+def test_transfer_scores_every_trials_prompt_on_another_task(sweep, data_dir):
+    """The run's prompts on MR with the same tiny model: each score is that prompt rescored in-process."""
+    from backends.tiny import tiny_backend
+    from methods.evaluate import predict
+    from methods.lm import TextPrompt
+    from tasks.loaders import mr
+
+    run_dir, _ = sweep
+    proc = run_transfer(str(run_dir), "task=mr", "task.n_train=20", "task.n_dev=16", "task.n_test=20",
+                        f"data_dir={data_dir}", "cache.enabled=false")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = (run_dir / "transfer").glob("mr__*.json")
+    result = json.loads(path.read_text())
+    assert result["same_model"] and result["n_test"] == 20 and len(result["rows"]) == 4
+    task, lm = mr(data_dir, n_train=20, n_dev=16, n_test=20), tiny_backend()
+    for row in result["rows"]:
+        assert row["test_score"] == pytest.approx(task.score(predict(task, TextPrompt(row["best_prompt"]), task.test, lm),
+                                                             task.test)), row["method"]
+        assert len(row["scores"]) == 20 and row["test_score_raw"] is not None and row["test_score_calibrated"] is not None
+    assert "## Transfer" in (run_dir / "report.md").read_text() and "### mr with" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "usage: python -m pipelines.transfer RUN_DIR"),
+    (("/nonexistent/run",), "not a finished run directory"),
+    (("{run}", "task.n_test=5"), "name it with task=NAME"),
+    (("{run}", "task=nope"), "nope"),
+])
+def test_transfer_refuses_bad_input_in_one_line(args, message, tmp_path):
+    (tmp_path / "summary.json").write_text('{"trials": []}')
+    (tmp_path / "config.json").write_text('{"lm": {"scorer": {}}}')
+    proc = run_transfer(*[a.format(run=tmp_path) for a in args], timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert not (tmp_path / "transfer").exists()
+
+
+def test_only_text_and_matching_prompts_move_to_another_model(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from methods.lm import SoftPrompt, TextPrompt, TokenPrompt
+    from pipelines.transfer import movable
+
+    soft = SoftPrompt(np.ones((2, 4), np.float32), ("a", "b"))
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "t.pkl").write_bytes(pickle.dumps(soft))
+    soft_row = {"prompt_kind": "SoftPrompt", "best_prompt": soft.describe(), "prompt_file": "prompts/t.pkl"}
+    assert movable({"prompt_kind": "TextPrompt", "best_prompt": "Be brief."}, tmp_path, False) == (TextPrompt("Be brief."), "")
+    assert movable({"prompt_kind": "TokenPrompt", "best_prompt": "ab", "prompt_tokens": [5, 6]}, tmp_path, False)[0] == \
+        TokenPrompt((5, 6), "ab")
+    moved, why = movable(soft_row, tmp_path, False)
+    assert moved is None and "embedding space" in why
+    moved, why = movable(soft_row, tmp_path, True)
+    assert isinstance(moved, SoftPrompt) and np.array_equal(moved.embeddings, soft.embeddings) and why == ""
+    assert movable({**soft_row, "prompt_file": ""}, tmp_path, True)[0] is None

@@ -48,9 +48,11 @@ def _row(task: str, method: str, seed: int, test: float) -> dict:
         "scorer_model": "tiny-scorer", "proposer_model": "tiny-proposer", "params": {}, "prompt_kind": KIND[method],
         "best_prompt": text, "dev_score": 0.5 + 0.05 * seed + DEV[method], "test_score": test,
         "test_groups": groups, "n_test": 100, "steps": 3, "step": 3.0, "wall_s": 10.0 + seed,
-        "scorer_calls": 30.0 + seed,
+        "scorer_calls": 30.0 + seed, "scorer_examples": 600.0 + 100 * seed, "n_dev": 50,
+        "outputs": f"outputs/{task}-{method}-{seed}.jsonl",
         "scorer_requests": 300.0, "scorer_tokens": 1000.0 * (seed + 1), "proposer_calls": 3.0, "proposer_requests": 3.0,
         "proposer_tokens": 500.0, "status": "ok", **extra,
+        **({"test_score_raw": test, "test_score_calibrated": 1.0} if task == "sst2" else {}),
     }
 
 
@@ -64,12 +66,33 @@ def _evaluations(row: dict) -> list[dict]:
                 "trial": row["trial"], "method": row["method"], "task": row["task"], "seed": row["seed"], "step": step,
                 "idx": idx, "prompt": "p", "score": score, "n": 50, "kind": "candidate",
                 "scorer_calls": (10 + 5 * len(row["method"])) * step + row["seed"], "time": 0.0,
+                "scorer_examples": 200 * step, "tokens": 1000 * step, "wall_s": 2.0 * step,
             })
+    return recs
+
+
+N_TEST = 100
+
+
+def _outputs(row: dict) -> list[dict]:
+    """Per-example test records whose mean is the row's test score (each method and seed its own
+    draw of which examples are right); SST-2 rows also carry raw and calibrated scores."""
+    rng = np.random.default_rng(len(row["method"]) * 10 + row["seed"])
+    right = np.zeros(N_TEST)
+    right[rng.permutation(N_TEST)[: round(row["test_score"] * N_TEST)]] = 1
+    recs = [{"input": f"x{i}", "output": "y", "gold": "y", "score": float(v), "correct": bool(v)} for i, v in enumerate(right)]
+    if row["task"] == "sst2":
+        for rec in recs:
+            rec["score_raw"], rec["score_calibrated"] = rec["score"], 1.0
     return recs
 
 
 def _write_run(run_dir: Path, with_evaluations: bool = True) -> list[dict]:
     rows = [_row(t, m, s, x) for (t, m), xs in TEST.items() for s, x in enumerate(xs)]
+    (run_dir / "outputs").mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        if math.isfinite(row["test_score"]):
+            (run_dir / row["outputs"]).write_text("".join(json.dumps(r) + "\n" for r in _outputs(row)))
     failed = {"trial": "mmlu-ape-3", "method": "ape", "task": "mmlu", "seed": 3, "status": "failed",
               "error": "RuntimeError: proposer | out of memory"}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +124,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_summary_rows_carry_mean_and_std_over_seeds(run_dir):
     text = (run_dir / "report.md").read_text()
-    mmlu = text.split("## mmlu")[1].split("## sst2")[0]
+    mmlu = text.split("## mmlu")[1].split("## sst2")[0].split("### Cost")[1]
     ape = _line(mmlu, "| ape |")
     assert _pm(TEST["mmlu", "ape"]) in ape and "3 (+1 failed)" in ape
     assert _pm(TEST["mmlu", "autoprompt"]) in _line(mmlu, "| autoprompt |")
@@ -114,10 +137,10 @@ def test_summary_rows_carry_mean_and_std_over_seeds(run_dir):
 
 def test_prompts_are_escaped_truncated_and_kept_in_full(run_dir):
     text = (run_dir / "report.md").read_text()
-    opro = _line(text.split("## sst2")[1], "| opro |")
+    opro = _line(text.split("## sst2")[1].split("### Cost")[1], "| opro |")
     assert "Think step by step \\| then" in opro and "…" in opro and "END_OF_LONG_PROMPT" not in opro
     cells = [c for c in opro.replace("\\|", "").split("|")]
-    assert len(cells) == 11  # nine columns: an unescaped | in a prompt would add one
+    assert len(cells) == 12  # ten columns: an unescaped | in a prompt would add one
     details = text.split("## Full best prompts")[1]
     assert LONG in details and "Classify | the `sentiment` *now*" in details
 
@@ -154,7 +177,7 @@ def test_plots_are_real_pngs_and_linked(run_dir):
 
     paths = report.plot_paths(run_dir)
     names = {p.name for p in paths}
-    assert names == {"best_so_far_mmlu.png", "test_mmlu.png", "best_so_far_sst2.png", "test_sst2.png"}
+    assert names == {f"{kind}_{task}.png" for kind in ("best_so_far", "test", "cost") for task in ("mmlu", "sst2")}
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
         h, w = imread(p).shape[:2]
@@ -164,7 +187,8 @@ def test_plots_are_real_pngs_and_linked(run_dir):
 
 def test_tables_for_the_driver_are_numeric(run_dir):
     tables = report.report_tables(run_dir)
-    assert set(tables) == {"summary/mmlu", "prompts/mmlu", "groups/mmlu", "summary/sst2", "prompts/sst2", "failures"}
+    assert set(tables) == {"summary/mmlu", "prompts/mmlu", "groups/mmlu", "summary/sst2", "prompts/sst2", "failures",
+                           "leaderboard/mmlu", "leaderboard/sst2", "calibration/sst2"}
     ape = tables["summary/mmlu"].set_index("method").loc["ape"]
     assert ape["test_mean"] == pytest.approx(np.mean(TEST["mmlu", "ape"]))
     assert ape["test_std"] == pytest.approx(np.std(TEST["mmlu", "ape"], ddof=1))
@@ -179,7 +203,7 @@ def test_best_so_far_keeps_full_dev_scores_and_the_last_record_per_step():
         {"score": math.nan, "n": 40, "scorer_calls": 9},
         {"score": 0.7, "n": 40, "scorer_calls": 12},
     ]
-    x, y = report.best_so_far(recs)
+    x, y = report.best_so_far(recs, "scorer_calls")
     assert x.tolist() == [5, 9, 12] and y.tolist() == [0.5, 0.5, 0.7]
 
 
@@ -214,3 +238,60 @@ def test_every_method_gets_its_own_color_even_past_ten(tmp_path):
     rows += [{**_row("sst2", "ape", 0, 0.7), "method": f"m{i}"} for i in range(6)]
     colors = report._colors(report.Run(tmp_path, tuple(rows), (), (), 0.0))
     assert len(colors) == 12 and len(set(colors.values())) == 12
+
+
+def test_the_leaderboard_ranks_by_test_with_intervals_and_corrected_p_values(run_dir):
+    board = report.report_tables(run_dir)["leaderboard/mmlu"].set_index("method")
+    assert list(board.sort_values("rank").index) == ["soft", "ape", "autoprompt", "manual"]  # mean test, NaN seed out
+    ape = board.loc["ape"]
+    assert ape["test"] == pytest.approx(np.mean(TEST["mmlu", "ape"]))
+    # the interval is over test examples: for one seed about +-2 binomial standard errors of n=100;
+    # averaging three seeds' per-example scores first narrows it
+    manual = board.loc["manual"]
+    half = 1.96 * math.sqrt(manual["test"] * (1 - manual["test"]) / N_TEST)
+    assert manual["ci_hi"] - manual["ci_lo"] == pytest.approx(2 * half, rel=0.15)
+    assert ape["ci_lo"] < ape["test"] < ape["ci_hi"] and ape["ci_hi"] - ape["ci_lo"] < 2 * half
+    lo, hi = ape[["seed_lo", "seed_hi"]]
+    assert lo < ape["test"] < hi and math.isnan(board.loc["manual", "seed_lo"])  # one seed: no t-interval
+    assert math.isnan(board.loc["manual", "p_baseline"]) and math.isnan(board.loc["soft", "p_best"])
+    # soft (0.60) vs manual (0.40) on 100 examples is a real difference; Holm never lowers a p-value
+    assert board.loc["soft", "p_baseline"] < 0.05
+    run = report.load_run(run_dir)
+    scores = lambda m: report.score_matrix(run, [r for r in run.ok if r["task"] == "mmlu" and r["method"] == m])  # noqa: E731
+    raw = report._p(scores("soft"), scores("manual"))
+    assert board.loc["soft", "p_baseline"] == pytest.approx(min(1.0, 3 * raw))  # the smallest of three p-values: x3
+    assert board.loc["ape", "examples"] == pytest.approx(700.0)  # mean of 600, 700, 800
+
+
+def test_the_leaderboard_in_the_report_says_how_it_was_computed(run_dir):
+    text = (run_dir / "report.md").read_text()
+    board = text.split("## sst2")[1].split("### Leaderboard")[1].split("### Cost")[0]
+    opro = _line(board, "| 1 | opro |")
+    assert "0.840" in opro and "[" in opro and "0.840 → 1.000" in opro  # raw -> calibrated
+    assert "Holm" in board and "paired permutation" in board
+    cal = _line(text.split("## sst2")[1].split("### Raw and calibrated")[1], "| manual |")
+    assert "0.700" in cal and "1.000" in cal and "+0.300" in cal
+
+
+def test_anytime_score_rewards_finding_it_early():
+    from pipelines.stats import anytime_score
+
+    early = anytime_score(np.array([100.0, 200.0]), np.array([0.8, 0.8]), 1000)
+    late = anytime_score(np.array([100.0, 900.0]), np.array([0.2, 0.8]), 1000)
+    assert early == pytest.approx(0.8 * 0.9) and late == pytest.approx((0.2 * 800 + 0.8 * 100) / 1000)
+    assert early > late
+    assert anytime_score(np.array([100.0, 1500.0]), np.array([0.5, 1.0]), 1000) == pytest.approx(0.45)  # past the budget: cut
+
+
+def test_the_overfit_flag_marks_a_dev_score_far_above_test(tmp_path):
+    rows = [{**_row("sst2", "manual", 0, 0.70), "dev_score": 0.72},
+            {**_row("sst2", "ape", 0, 0.70), "dev_score": 0.95, "n_dev": 50}]  # 0.25 > 2 SE of 50 examples
+    board = report.leaderboard(report.Run(tmp_path, tuple(rows), (), (), 0.0), "sst2").set_index("method")
+    assert bool(board.loc["ape", "overfit"]) and not bool(board.loc["manual", "overfit"])
+
+
+def test_the_anytime_span_is_the_common_cap_else_the_largest_spend(tmp_path):
+    rows = [{**_row("sst2", m, 0, 0.7), "budget_examples": 2000} for m in ("manual", "ape")]
+    assert report.budget_span(report.Run(tmp_path, tuple(rows), (), (), 0.0), "sst2") == 2000
+    rows[1]["budget_examples"] = None
+    assert report.budget_span(report.Run(tmp_path, tuple(rows), (), (), 0.0), "sst2") == 600.0

@@ -1,9 +1,16 @@
-"""Per-trial budgets in LM calls, tokens and money, checked before work is dispatched.
+"""Per-trial budgets in example-evaluations, LM calls, tokens and money, checked before dispatch.
 
 A trial's two LM roles each get a :class:`BudgetedLM` with their own :class:`Limits`. Before
-every call it compares what the role has used so far with its limits and raises
-:class:`BudgetExhausted` instead of dispatching once any limit is reached, so calls never
-exceed their cap and tokens or money overshoot it by at most the one call that crossed it.
+every call it compares what the role has used so far, plus what the call would add, with
+its limits and raises :class:`BudgetExhausted` instead of dispatching.
+
+The unit every method is compared in is the **example-evaluation**: one prompt applied to
+one example, whatever it costs inside. Scoring a candidate's label words on one example is
+one (however many labels there are), so is one generated answer, one sampled proposal, and
+one example in a gradient batch. The number a call needs is known before it is sent
+(distinct context-and-prompt pairs, or contexts times samples), so a cap in examples is
+never exceeded by even one; calls never exceed theirs either. Tokens and money are known
+only afterwards, so they overshoot by at most the one call that crossed them.
 
 What counts is the work the *method asked for*: a call served entirely from the evaluation
 cache counts as a call, with the tokens its result cost when it was first computed. A
@@ -49,12 +56,14 @@ class Limits:
     """One role's caps per trial; ``None`` is unlimited.
 
     Attributes:
+        examples: example-evaluations (see the module docstring): the unit budgets compare in.
         calls: LM calls (each batched call counts once, however many requests it holds).
         tokens: tokens of those calls, as the LM actor counts them (contexts once, plus
             continuations or generated text).
         usd: estimated price in US dollars (needs the model's ``price_*_per_1k``).
     """
 
+    examples: int | None = None
     calls: int | None = None
     tokens: int | None = None
     usd: float | None = None
@@ -62,20 +71,23 @@ class Limits:
     @classmethod
     def parse(cls, role: str, raw: dict | None) -> Limits:
         raw = dict(raw or {})
-        unknown = sorted(set(raw) - {"calls", "tokens", "usd"})
+        unknown = sorted(set(raw) - {"examples", "calls", "tokens", "usd"})
         if unknown:
-            raise ValueError(f"budget.{role}: unknown key(s) {unknown}; expected calls, tokens, usd")
+            raise ValueError(f"budget.{role}: unknown key(s) {unknown}; expected examples, calls, tokens, usd")
         return cls(
+            examples=_check_cap(f"budget.{role}.examples", raw.get("examples"), True),
             calls=_check_cap(f"budget.{role}.calls", raw.get("calls"), True),
             tokens=_check_cap(f"budget.{role}.tokens", raw.get("tokens"), True),
             usd=_check_cap(f"budget.{role}.usd", raw.get("usd"), False),
         )
 
     def unbounded(self) -> bool:
-        return self.calls is None and self.tokens is None and self.usd is None
+        return self.examples is None and self.calls is None and self.tokens is None and self.usd is None
 
-    def exceeded(self, meter: Meter) -> str:
-        """Why no further call may start (empty while there is budget left)."""
+    def exceeded(self, meter: Meter, examples: int = 0) -> str:
+        """Why a call needing ``examples`` example-evaluations may not start (empty if it may)."""
+        if self.examples is not None and meter.examples + examples > self.examples:
+            return f"{meter.examples:,} of {self.examples:,} example-evaluations used, the next call needs {examples:,}"
         if self.calls is not None and meter.charged_calls() >= self.calls:
             return f"{meter.charged_calls()} of {self.calls} calls used"
         if self.tokens is not None and meter.charged_tokens() >= self.tokens:
@@ -86,6 +98,7 @@ class Limits:
 
     def describe(self, times: int = 1) -> str:
         caps = [
+            f"<={self.examples * times:,} example-evaluations" if self.examples is not None else "",
             f"<={self.calls * times:,} calls" if self.calls is not None else "",
             f"<={self.tokens * times:,} tokens" if self.tokens is not None else "",
             f"<=${self.usd * times:,.2f}" if self.usd is not None else "",
@@ -135,6 +148,16 @@ def _chars(texts) -> int:
     return sum(len(t) for t in texts)
 
 
+def scored_examples(requests) -> int:
+    """Example-evaluations in a scoring or gradient batch: distinct (context, prompt) pairs.
+
+    A label task sends one request per label word with the same context; they are one
+    evaluation. Prompts compare by value where they can (token prompts) and by identity
+    otherwise (soft prompts and prefixes: one object per candidate).
+    """
+    return len({(r[0], r[2] if len(r) > 2 else None) for r in requests})
+
+
 class BudgetedLM:
     """An ``LM`` that refuses to start a call once its role's budget is used up.
 
@@ -152,27 +175,32 @@ class BudgetedLM:
 
     __getattr__ = forward_to_inner  # embeddings, prefix states, tokenizing: free
 
-    def _check(self) -> float:
-        """Raise if no budget is left; else the tokens charged so far (to price the call by)."""
-        reason = self.limits.exceeded(self.usage)
+    def _check(self, examples: int) -> float:
+        """Raise if the call does not fit in what is left; else the tokens charged so far (to price it by)."""
+        reason = self.limits.exceeded(self.usage, examples)
         if reason:
             self.usage.budget_exhausted = 1
             raise BudgetExhausted(f"{self.role} budget exhausted: {reason}")
         return self.usage.charged_tokens()
 
-    def _charge(self, before: float, prompt_share: float = 1.0, prompt_repeats: int = 1) -> None:
+    def _charge(self, before: float, examples: int, prompt_share: float = 1.0, prompt_repeats: int = 1) -> None:
+        # Charged once the call returned: a call that failed did no evaluation.
+        self.usage.examples += examples
         spent = self.usage.charged_tokens() - before
         self.usage.usd += self.price.cost(spent, prompt_share, prompt_repeats)
 
     def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
-        before = self._check()
+        requests = list(requests)
+        examples = scored_examples(requests)
+        before = self._check(examples)
         out = self.inner.loglikelihood(requests)
-        self._charge(before)
+        self._charge(before, examples)
         return out
 
     def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=(), prompt=None):
         contexts = list(contexts)
-        before = self._check()
+        examples = len(contexts) * n
+        before = self._check(examples)
         extra = {} if prompt is None else {"prompt": prompt}
         out = self.inner.generate(
             contexts, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed, stop=stop, **extra
@@ -181,13 +209,15 @@ class BudgetedLM:
         # A sampling backend that sends one request per sample pays for the prompt n times.
         prompt_chars, out_chars = _chars(contexts), _chars(s for row in out for s in row)
         share = prompt_chars / max(prompt_chars + out_chars, 1)
-        self._charge(before, share, n if temperature > 0 else 1)
+        self._charge(before, examples, share, n if temperature > 0 else 1)
         return out
 
     def prompt_grad(self, requests, prompt):
-        before = self._check()
+        requests = list(requests)
+        examples = len({r[0] for r in requests})  # one prompt for all: distinct contexts
+        before = self._check(examples)
         out = self.inner.prompt_grad(requests, prompt)
-        self._charge(before)
+        self._charge(before, examples)
         return out
 
 

@@ -30,6 +30,8 @@ class Meter:
         cache_calls: calls answered entirely from the evaluation cache.
         cache_hits: requests answered from the cache.
         cache_tokens: tokens those requests cost when they were first computed.
+        examples: example-evaluations the method asked for (cache hits included: the budget's
+            unit, counted by :class:`pipelines.lm.budget.BudgetedLM` before the cache answers).
         usd: estimated price of the budgeted work (API models; 0 for local ones).
         budget_exhausted: 1 once a call was refused for lack of budget.
     """
@@ -40,6 +42,7 @@ class Meter:
     cache_calls: int = 0
     cache_hits: int = 0
     cache_tokens: float = 0.0
+    examples: int = 0
     usd: float = 0.0
     budget_exhausted: int = 0
 
