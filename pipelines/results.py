@@ -6,6 +6,7 @@ Layout::
     RUN_DIR/evaluations/<trial>.jsonl every candidate scored, written as it happens
     RUN_DIR/trials/<trial>.json      one trial's final result (written once, atomically)
     RUN_DIR/outputs/<trial>.jsonl    the final prompt's prediction on every test example
+    RUN_DIR/prompts/<trial>.npz      a soft prompt's or prefix's vectors (for pipelines.transfer)
     RUN_DIR/summary.json             every trial's result, plus failures
     RUN_DIR/evaluations.jsonl        all evaluation logs merged, after the sweep
 
@@ -22,6 +23,8 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from methods.text import input_texts
 from tasks.generative import is_generative
@@ -104,6 +107,30 @@ def example_records(task, raw, calibrated=None) -> list[dict]:
         rec["correct"] = bool(task.is_correct(pred, ex))
         out.append(rec)
     return out
+
+
+def save_vectors(path: Path, prompt) -> None:
+    """A soft prompt's or prefix's arrays as ``.npz`` (no pickle: a shared run directory must not
+    run code when it is read); the nearest words or the init text ride along as strings."""
+    from methods.lm import PrefixPrompt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    if isinstance(prompt, PrefixPrompt):
+        np.savez(tmp, kind=np.array("prefix"), key_values=prompt.key_values, origin=np.array(prompt.origin))
+    else:
+        np.savez(tmp, kind=np.array("soft"), embeddings=prompt.embeddings, nearest=np.array(list(prompt.nearest), dtype=str))
+    os.replace(tmp, path)
+
+
+def load_vectors(path: Path):
+    """The prompt :func:`save_vectors` wrote."""
+    from methods.lm import PrefixPrompt, SoftPrompt
+
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["kind"]) == "prefix":
+            return PrefixPrompt(np.asarray(z["key_values"], dtype=np.float32), str(z["origin"]))
+        return SoftPrompt(np.asarray(z["embeddings"], dtype=np.float32), tuple(str(w) for w in z["nearest"]))
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:

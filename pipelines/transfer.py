@@ -20,7 +20,6 @@ why. Bad input is one ``error:`` line and exit status 2, before Ray starts.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import sys
 import time
@@ -30,10 +29,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from methods.evaluate import predict_raw_and_calibrated
-from methods.lm import GENERATE, PrefixPrompt, SoftPrompt, TextPrompt, TokenPrompt
+from methods.lm import GENERATE, TextPrompt, TokenPrompt
 from pipelines.lm.cache import cache_path, model_key
 from pipelines.plan import UserError, _built, check_group_choices, expand_model_shorthand
-from pipelines.results import example_records, write_json
+from pipelines.results import example_records, load_vectors, write_json
 from tasks.generative import is_generative
 
 USAGE = "usage: python -m pipelines.transfer RUN_DIR [task=NAME] [model@lm.scorer=NAME] [overrides...]"
@@ -87,9 +86,12 @@ def movable(row: dict, run_dir: Path, same_model: bool) -> tuple[object | None, 
         path = run_dir / str(row.get("prompt_file", ""))
         if not row.get("prompt_file") or not path.is_file():
             return None, "no saved prompt file (a run from before prompts were saved)"
-        prompt = pickle.loads(path.read_bytes())
-        if not isinstance(prompt, (SoftPrompt, PrefixPrompt)):
-            return None, f"{path.name} does not hold a {kind}"
+        try:
+            prompt = load_vectors(path)
+        except (OSError, ValueError, KeyError) as err:
+            return None, f"{path.name} is not a saved prompt: {err}"
+        if type(prompt).__name__ != kind:
+            return None, f"{path.name} holds a {type(prompt).__name__}, not a {kind}"
         return prompt, ""
     return None, f"unknown prompt kind {kind!r}"
 

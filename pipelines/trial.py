@@ -25,7 +25,7 @@ from pipelines.lm.budget import Budget, BudgetExhausted, Price
 from pipelines.lm.pool import connect
 from pipelines.lm.stack import RoleLM, role_lm
 from pipelines.plan import build
-from pipelines.results import EvalLog, example_records, write_json, write_jsonl
+from pipelines.results import EvalLog, example_records, save_vectors, write_json, write_jsonl
 from pipelines.summary import format_params
 from tasks.core import Task
 from tasks.generative import is_generative
@@ -193,11 +193,10 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         kind = "prefix" if isinstance(best, PrefixPrompt) else "soft_prompt"
         out = Path(ctx.run_dir) / "artifacts" / trial_id / kind
         result["artifact"] = scorer.unbudgeted.export_prompt(best, str(out))
-    # The prompt itself (vectors included), for `python -m pipelines.transfer` to score elsewhere.
-    saved = Path(ctx.run_dir) / "prompts" / f"{trial_id}.pkl"
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_bytes(pickle.dumps(best))
-    result["prompt_file"] = str(saved.relative_to(ctx.run_dir))
+    if isinstance(best, (SoftPrompt, PrefixPrompt)):  # its vectors, for `python -m pipelines.transfer`
+        saved = Path(ctx.run_dir) / "prompts" / f"{trial_id}.npz"
+        save_vectors(saved, best)
+        result["prompt_file"] = str(saved.relative_to(ctx.run_dir))
     outputs = Path(ctx.run_dir) / "outputs" / f"{trial_id}.jsonl"
     write_jsonl(outputs, example_records(task, raw, cal))
     result["outputs"] = str(outputs.relative_to(ctx.run_dir))

@@ -74,3 +74,17 @@ def test_search_tasks_runs_every_method_on_each_task_variant():
     assert {s["task"]["_target_"] for s in specs} == {"tasks.gen_loaders.ii"}
     gpu = specs_of(composed("+experiment=ii_ape_gpu", "data_dir=/unused"))
     assert len({s["task_name"] for s in gpu}) == 24  # the twin's tasks add to the CPU six
+
+
+COMPARISONS = ["sst2_all", "sst2_all_gpu", "sst2_text", "sst2_gradient", "gsm8k_text", "gsm8k_text_gpu", "bbh_cot",
+               "bbh_cot_gpu"]
+
+
+@pytest.mark.parametrize("experiment", COMPARISONS)
+def test_comparisons_give_every_method_the_same_example_budget_and_both_baselines(experiment):
+    from pipelines.lm.budget import Budget
+
+    cfg = composed(f"+experiment={experiment}", "data_dir=/unused")
+    budget = Budget.parse(dict(cfg.budget))
+    assert budget.scorer.examples and budget.scorer.examples > 0
+    assert {"manual", "empty"} <= set(cfg.search.methods)

@@ -220,17 +220,19 @@ def test_transfer_refuses_bad_input_in_one_line(args, message, tmp_path):
 
 
 def test_only_text_and_matching_prompts_move_to_another_model(tmp_path):
-    import pickle
-
     import numpy as np
 
-    from methods.lm import SoftPrompt, TextPrompt, TokenPrompt
+    from methods.lm import PrefixPrompt, SoftPrompt, TextPrompt, TokenPrompt
+    from pipelines.results import load_vectors, save_vectors
     from pipelines.transfer import movable
 
-    soft = SoftPrompt(np.ones((2, 4), np.float32), ("a", "b"))
-    (tmp_path / "prompts").mkdir()
-    (tmp_path / "prompts" / "t.pkl").write_bytes(pickle.dumps(soft))
-    soft_row = {"prompt_kind": "SoftPrompt", "best_prompt": soft.describe(), "prompt_file": "prompts/t.pkl"}
+    soft = SoftPrompt(np.arange(8, dtype=np.float32).reshape(2, 4), ("a", "b"))
+    save_vectors(tmp_path / "prompts" / "t.npz", soft)
+    prefix = PrefixPrompt(np.ones((3, 6), np.float32), "Classify")
+    save_vectors(tmp_path / "prompts" / "p.npz", prefix)
+    back = load_vectors(tmp_path / "prompts" / "p.npz")
+    assert isinstance(back, PrefixPrompt) and np.array_equal(back.key_values, prefix.key_values) and back.origin == "Classify"
+    soft_row = {"prompt_kind": "SoftPrompt", "best_prompt": soft.describe(), "prompt_file": "prompts/t.npz"}
     assert movable({"prompt_kind": "TextPrompt", "best_prompt": "Be brief."}, tmp_path, False) == (TextPrompt("Be brief."), "")
     assert movable({"prompt_kind": "TokenPrompt", "best_prompt": "ab", "prompt_tokens": [5, 6]}, tmp_path, False)[0] == \
         TokenPrompt((5, 6), "ab")
@@ -238,4 +240,6 @@ def test_only_text_and_matching_prompts_move_to_another_model(tmp_path):
     assert moved is None and "embedding space" in why
     moved, why = movable(soft_row, tmp_path, True)
     assert isinstance(moved, SoftPrompt) and np.array_equal(moved.embeddings, soft.embeddings) and why == ""
+    assert moved.nearest == ("a", "b")
     assert movable({**soft_row, "prompt_file": ""}, tmp_path, True)[0] is None
+    assert "not a SoftPrompt" in movable({**soft_row, "prompt_file": "prompts/p.npz"}, tmp_path, True)[1]
