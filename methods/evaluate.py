@@ -77,7 +77,13 @@ def content_free_log_prior(task: Task, loglik: np.ndarray) -> np.ndarray:
 
 
 def calibrated(task) -> bool:
+    """Whether ``task`` selects and reports with contextually calibrated label scores."""
     return getattr(task, "calibration", "none") == "contextual"
+
+
+def headline(task, raw: list, cal: list | None) -> list:
+    """Of :func:`predict_raw_and_calibrated`'s two, the predictions ``task`` selects and reports with."""
+    return cal if cal is not None and calibrated(task) else raw
 
 
 def _label_predictions(task: Task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM, calibrate: bool):

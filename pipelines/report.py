@@ -204,20 +204,36 @@ def best_so_far(records: Sequence[dict], x: str = "scorer_examples") -> tuple[np
 
     ``x`` is a cost field every record carries: ``scorer_examples`` (the budget's unit),
     ``scorer_calls``, ``tokens`` or ``wall_s``, each as it stood when the record's step ended.
-    Only records scored on the trial's full dev set count: racing scores some candidates on
-    a few examples, and such a score is too noisy to call the best so far.
+    Within a step (consecutive records with the same cost), the step's cost is shared out in
+    the order the method reported its candidates, in proportion to the examples each was
+    scored on: APE's eight candidates scored in one batched call then read as eight points
+    of one search rather than one jump. Only records scored on the trial's full dev set count
+    as a best: racing scores some candidates on a few examples, and such a score is too noisy
+    to call the best so far (their cost still counts).
 
     Returns:
-        ``(cost [k], best [k])``, one point per distinct cost, cost increasing.
+        ``(cost [k], best [k])``, cost increasing.
     """
     recs = [r for r in records if math.isfinite(_number(r.get(x)))]
-    full = max((_number(r.get("n")) for r in recs), default=math.nan)
-    recs = [r for r in recs if not math.isfinite(full) or _number(r.get("n")) == full]
     if not recs:
         return np.zeros(0), np.zeros(0)
-    cost = np.maximum.accumulate(np.array([_number(r[x]) for r in recs]))
-    best = np.fmax.accumulate(np.array([_number(r.get("score")) for r in recs]))  # fmax: NaN never wins
-    last = np.r_[cost[1:] != cost[:-1], True]  # keep the last record of each step
+    ends = np.maximum.accumulate(np.array([_number(r[x]) for r in recs]))
+    sizes = np.array([max(_number(r.get("n")), 1.0) if math.isfinite(_number(r.get("n"))) else 1.0 for r in recs])
+    cost, start, i = np.empty(len(recs)), 0.0, 0
+    while i < len(recs):
+        j = i
+        while j < len(recs) and ends[j] == ends[i]:
+            j += 1
+        share = np.cumsum(sizes[i:j]) / sizes[i:j].sum()
+        cost[i:j] = start + (ends[i] - start) * share
+        start, i = ends[i], j
+    full = max((_number(r.get("n")) for r in recs), default=math.nan)
+    keep = np.array([not math.isfinite(full) or _number(r.get("n")) == full for r in recs])
+    if not keep.any():
+        return np.zeros(0), np.zeros(0)
+    best = np.fmax.accumulate(np.array([_number(r.get("score")) for r in recs])[keep])  # fmax: NaN never wins
+    cost = cost[keep]
+    last = np.r_[cost[1:] != cost[:-1], True]  # one point per cost
     return cost[last], best[last]
 
 
@@ -309,8 +325,8 @@ def leaderboard(run: Run, task: str) -> pd.DataFrame:
 
     Columns: rank, method, seeds, test (mean over seeds), ``ci_lo``/``ci_hi`` (95% bootstrap
     over test examples, seeds averaged per example), ``seed_lo``/``seed_hi`` (95% t-interval
-    over seeds), ``p_baseline``/``p_best`` (paired permutation test against ``manual`` and
-    against the top-ranked method, each Holm-corrected across the methods tested),
+    over seeds), ``p_manual``/``p_empty``/``p_best`` (paired permutation tests against each
+    baseline and against the top-ranked method, each Holm-corrected across the methods tested),
     ``examples`` (mean example-evaluations per trial), ``anytime`` (mean over seeds),
     ``gap`` (dev minus test) with ``overfit`` when it exceeds two standard errors of a dev
     score at that level, and the raw and calibrated test means.
@@ -321,9 +337,10 @@ def leaderboard(run: Run, task: str) -> pd.DataFrame:
     mats = {m: score_matrix(run, rows) for m, rows in by.items()}
     test = {m: mean_std([r.get("test_score") for r in rows])[0] for m, rows in by.items()}
     order = sorted(by, key=lambda m: (-test[m] if math.isfinite(test[m]) else math.inf, m))
-    best, base = order[0], (BASELINE if BASELINE in by else None)
-    others = [m for m in order if m != base]
-    p_base = dict(zip(others, holm([_p(mats[m], mats.get(base)) for m in others])))
+    best, p_base = order[0], {}
+    for base in BASELINES:  # against each baseline the run has; Holm over the methods compared to it
+        others = [m for m in order if m != base]
+        p_base[base] = dict(zip(others, holm([_p(mats[m], mats.get(base)) for m in others]))) if base in by else {}
     rest = [m for m in order if m != best]
     p_best = dict(zip(rest, holm([_p(mats[m], mats[best]) for m in rest])))
     anytime = anytime_scores(run, task)
@@ -338,8 +355,8 @@ def leaderboard(run: Run, task: str) -> pd.DataFrame:
         se = math.sqrt(max(test[m] * (1 - test[m]), 0.0) / n_dev) if n_dev > 0 and math.isfinite(test[m]) else math.nan
         rows_out.append({
             "rank": rank, "method": m, "seeds": len(rows), "test": test[m], "ci_lo": ci[0], "ci_hi": ci[1],
-            "seed_lo": seeds[0], "seed_hi": seeds[1], "p_baseline": p_base.get(m, math.nan),
-            "p_best": p_best.get(m, math.nan),
+            "seed_lo": seeds[0], "seed_hi": seeds[1],
+            **{f"p_{base}": p_base[base].get(m, math.nan) for base in BASELINES}, "p_best": p_best.get(m, math.nan),
             "examples": mean_std([r.get("scorer_examples") for r in rows])[0],
             "anytime": mean_std([anytime.get(str(r.get("trial"))) for r in rows])[0],
             "dev": dev, "gap": gap, "overfit": bool(math.isfinite(se) and gap > 2 * se),
@@ -363,14 +380,16 @@ def transfers(run: Run) -> list[dict]:
 def transfer_table(entry: dict) -> pd.DataFrame:
     """Per method (baselines first): its source test score, the target test score with a 95%
     bootstrap interval over the target's examples, raw and calibrated, and the paired p-value
-    against ``manual`` on the target (Holm-corrected); skipped trials counted."""
+    against each baseline on the target (Holm-corrected); skipped trials counted."""
     rows = [r for r in entry.get("rows", [])]
     mats = {}
     for m in _method_order(rows):
         cols = [np.asarray(r["scores"], dtype=np.float64) for r in rows if r["method"] == m and r.get("scores")]
         mats[m] = np.stack(cols, axis=1) if cols and len({c.size for c in cols}) == 1 else None
-    others = [m for m in mats if m != BASELINE]
-    p = dict(zip(others, holm([_p(mats[m], mats.get(BASELINE)) for m in others])))
+    p = {}
+    for base in BASELINES:
+        others = [m for m in mats if m != base]
+        p[base] = dict(zip(others, holm([_p(mats[m], mats.get(base)) for m in others]))) if base in mats else {}
     out = []
     for m, mat in mats.items():
         mine = [r for r in rows if r["method"] == m]
@@ -382,23 +401,26 @@ def transfer_table(entry: dict) -> pd.DataFrame:
             "test": mean_std([r.get("test_score") for r in mine if not r.get("skipped")])[0], "ci_lo": lo, "ci_hi": hi,
             "raw": mean_std([r.get("test_score_raw") for r in mine])[0],
             "calibrated": mean_std([r.get("test_score_calibrated") for r in mine])[0],
-            "p_baseline": p.get(m, math.nan),
+            **{f"p_{base}": p[base].get(m, math.nan) for base in BASELINES},
         })
     return pd.DataFrame(out)
 
 
 def _transfer_md(entry: dict, table: pd.DataFrame) -> list[str]:
+    bases = [b for b in BASELINES if b in set(table["method"])]
     rows = [[md_cell(r.method), str(r.seeds) + (f" (+{r.skipped} skipped)" if r.skipped else ""), fmt(r.source_test),
              fmt(r.test), interval(r.ci_lo, r.ci_hi),
-             f"{fmt(r.raw)} → {fmt(r.calibrated)}" if math.isfinite(_number(r.raw)) else "-", pvalue(r.p_baseline)]
+             f"{fmt(r.raw)} → {fmt(r.calibrated)}" if math.isfinite(_number(r.raw)) else "-",
+             *(pvalue(getattr(r, f"p_{b}")) for b in bases)]
             for r in table.itertuples()]
     sources = ", ".join(map(md_cell, entry.get("source_models", [])))
     out = [f"### {md_cell(entry.get('task', '?'), None)} with {md_cell(entry.get('scorer_model', '?'), None)}", "",
-           f"Every trial's best prompt (found on {sources}) scored on all {entry.get('n_test', '?')} test examples "
+           ("Each method's best-dev seed's prompt" if entry.get("trials") == "best" else "Every trial's best prompt")
+           + f" (found on {sources}) scored on all {entry.get('n_test', '?')} test examples "
            f"of {md_cell(entry.get('task', '?'), None)}" + (" on the same model." if entry.get("same_model") else
                                                               " on another model."), "",
            md_table(["method", "seeds", "source test", "target test", "95% CI (test examples)", "raw → calibrated",
-                     f"p vs {BASELINE}"], rows), ""]
+                     *(f"p vs {b}" for b in bases)], rows), ""]
     for r in table.itertuples():
         if r.skipped:
             out.append(f"- {md_cell(r.method)}: {r.skipped} skipped: {md_cell(r.why, None)}")
@@ -447,9 +469,6 @@ def plot_best_so_far(run: Run, task: str, path: Path) -> Path | None:
             ax.step(x, mean, where="post", color=c, lw=2, label=label)
             ax.fill_between(x, lo, hi, step="post", color=c, alpha=0.15, lw=0)
             ax.plot(x[-1], mean[-1], "o", color=c, ms=4)
-        xs = np.concatenate([x for _, (x, *_) in curves.values()]) if curves else np.zeros(0)
-        if xs.size and xs.min() > 0 and xs.max() / xs.min() > 50:
-            ax.set_xscale("log")
         if x_key == "scorer_examples" and math.isfinite(span):
             ax.axvline(span, color="black", ls=":", lw=1)
         ax.set(xlabel=X_AXES[x_key], ylabel="best dev score so far")
@@ -566,11 +585,13 @@ def interval(lo: float, hi: float) -> str:
 
 
 def _leaderboard_md(board: pd.DataFrame) -> str:
-    header = ["rank", "method", "seeds", "test", "95% CI (test examples)", "95% CI (seeds)", f"p vs {BASELINE}",
-              "p vs best", "examples used", "anytime", "dev − test", "raw → calibrated"]
+    bases = [b for b in BASELINES if b in set(board["method"])]
+    header = ["rank", "method", "seeds", "test", "95% CI (test examples)", "95% CI (seeds)",
+              *(f"p vs {b}" for b in bases), "p vs best", "examples used", "anytime", "dev − test", "raw → calibrated"]
     rows = [[
         str(r.rank), md_cell(r.method), str(r.seeds), fmt(r.test), interval(r.ci_lo, r.ci_hi),
-        interval(r.seed_lo, r.seed_hi), pvalue(r.p_baseline), pvalue(r.p_best), fmt(r.examples, 0), fmt(r.anytime),
+        interval(r.seed_lo, r.seed_hi), *(pvalue(getattr(r, f"p_{b}")) for b in bases), pvalue(r.p_best),
+        fmt(r.examples, 0), fmt(r.anytime),
         (f"{r.gap:+.3f}" if math.isfinite(r.gap) else "-") + (" ⚠ overfit" if r.overfit else ""),
         f"{fmt(r.raw)} → {fmt(r.calibrated)}" if math.isfinite(_number(r.raw)) else "-",
     ] for r in board.itertuples()]
@@ -588,8 +609,9 @@ LEADERBOARD_NOTE = (
     "Ranked by mean test score over seeds. **95% CI (test examples)**: BCa bootstrap (9,999 resamples) of the "
     "mean per-example score, each example's score averaged over the method's seeds; **95% CI (seeds)**: "
     "t-interval over seeds. **p**: two-sided paired permutation test (9,999 resamples) on the same per-example "
-    f"scores against `{BASELINE}` and against the top-ranked method, Holm-corrected across the methods in each "
-    "column; * marks p < 0.05. **examples used**: scorer example-evaluations per trial (one prompt on one "
+    "scores against each baseline (`manual`: the task's instruction; `empty`: no instruction) and against the "
+    "top-ranked method, Holm-corrected across the methods in each column; * marks p < 0.05, and 0.0002 before "
+    "correction is the smallest p that many resamples can show. **examples used**: scorer example-evaluations per trial (one prompt on one "
     "example = 1), the budget's unit. **anytime**: area under the best-so-far dev curve over the example "
     "budget, divided by it (0 before a method's first full-dev score). **dev − test**: a large positive gap "
     "means selection on the small dev set overfit; ⚠ marks a gap above two standard errors of a dev score. "
@@ -599,7 +621,8 @@ LEADERBOARD_NOTE = (
 
 def _family_md(table: pd.DataFrame) -> str:
     # ids go in a code span: read as numbers, never as Markdown
-    rows = [[r.family, md_cell(r.method), md_cell(r.best_seed), fmt(r.best_dev), fmt(r.best_test), md_cell(r.found),
+    rows = [[r.family, md_cell(r.method), md_cell(r.best_seed), fmt(r.best_dev), fmt(r.best_test),
+             md_cell(r.found) if str(r.found).strip() else "_(no instruction)_",
              f"`{r.detail}`" if r.detail.startswith("[") else r.detail or "-"] for r in table.itertuples()]
     return md_table(["family", "method", "seed", "dev", "test", "what it found", "token ids / shape"], rows)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from methods.evaluate import headline
 from methods.text import input_texts
 from tasks.generative import is_generative
 
@@ -89,9 +90,8 @@ def example_records(task, raw, calibrated=None) -> list[dict]:
     those the task selects with (its ``calibration`` setting). The report's intervals and
     paired tests are computed from these per-example scores.
     """
-    headline = calibrated if calibrated is not None and getattr(task, "calibration", "none") == "contextual" else raw
     out = []
-    for i, (ex, pred) in enumerate(zip(task.test, headline)):
+    for i, (ex, pred) in enumerate(zip(task.test, headline(task, raw, calibrated))):
         rec = {"input": "\n".join(input_texts([ex])), "output": task.shown(pred, ex)}
         if is_generative(task):
             rec["answer"] = task.extract(pred)

@@ -3,9 +3,10 @@
 Usage::
 
     python -m pipelines.transfer RUN_DIR task=mr
+    python -m pipelines.transfer RUN_DIR task=mr trials=best         # each method's best-dev seed only
     python -m pipelines.transfer RUN_DIR task=cr model@lm.scorer=hf lm.scorer.model=Qwen/Qwen2.5-7B-Instruct
 
-Every finished trial's best prompt is scored on the target task's test split with the target
+Every finished trial's best prompt (``trials=best``: only each method's best-dev seed's) is scored on the target task's test split with the target
 scorer (raw and contextually calibrated, for label tasks), and the results are written to
 ``RUN_DIR/transfer/<task>__<model>.json``; the run's ``report.md`` is rewritten with a
 transfer table per target. ``task=NAME`` picks the target task (default: each trial's own
@@ -28,14 +29,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from methods.evaluate import predict_raw_and_calibrated
+from methods.evaluate import headline, predict_raw_and_calibrated
 from methods.lm import GENERATE, TextPrompt, TokenPrompt
 from pipelines.lm.cache import cache_path, model_key
 from pipelines.plan import UserError, _built, check_group_choices, expand_model_shorthand
 from pipelines.results import example_records, load_vectors, write_json
 from tasks.generative import is_generative
 
-USAGE = "usage: python -m pipelines.transfer RUN_DIR [task=NAME] [model@lm.scorer=NAME] [overrides...]"
+USAGE = "usage: python -m pipelines.transfer RUN_DIR [task=NAME] [model@lm.scorer=NAME] [trials=all|best] [overrides...]"
 
 
 def target_config(run_dir: Path, overrides: Sequence[str]) -> tuple[dict, dict, bool]:
@@ -108,8 +109,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "model"
 
 
-def transfer(run_dir: Path, overrides: Sequence[str]) -> Path:
-    """Score every finished trial's prompt on the target; returns the written JSON's path."""
+def chosen_trials(rows: list[dict], which: str) -> list[dict]:
+    """All finished trials, or each method's best-dev seed per source task (``which="best"``)."""
+    if which == "all":
+        return rows
+    if which != "best":
+        raise UserError(f"trials={which!r}; expected all or best")
+    from pipelines.report import best_row
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("task"), r["method"]), []).append(r)
+    return [best_row(g) for g in groups.values()]
+
+
+def transfer(run_dir: Path, overrides: Sequence[str], which: str = "all") -> Path:
+    """Score the chosen finished trials' prompts on the target; returns the written JSON's path."""
     import hydra.utils
     import ray
 
@@ -119,6 +134,7 @@ def transfer(run_dir: Path, overrides: Sequence[str]) -> Path:
 
     cfg, run_cfg, own_task = target_config(run_dir, overrides)
     rows = [r for r in json.loads((run_dir / "summary.json").read_text())["trials"] if r.get("status") == "ok"]
+    rows = chosen_trials(rows, which)
     if not rows:
         raise UserError(f"{run_dir}: no finished trial to transfer")
     scorer_cfg = cfg["lm"]["scorer"]
@@ -147,6 +163,7 @@ def transfer(run_dir: Path, overrides: Sequence[str]) -> Path:
         ray.shutdown()
     path = run_dir / "transfer" / f"{_slug(task.name)}__{_slug(str(target))}.json"
     write_json(path, {"task": task.name, "scorer_model": target, "same_model": same_model, "n_test": len(task.test),
+                      "trials": which,
                       "source_models": sorted({str(r.get("scorer_model") or run_cfg["lm"]["scorer"].get("_target_", "?"))
                                                for r in rows}), "rows": out})
     return path
@@ -172,7 +189,7 @@ def _score_all(task, rows: list[dict], prompts: dict, lm, same_model: bool) -> l
             raw, cal = predict_raw_and_calibrated(task, prompt, task.test, lm)
             recs = example_records(task, raw, cal)
             done[key] = {
-                "test_score": task.score(cal if cal is not None and task.calibration == "contextual" else raw, task.test),
+                "test_score": task.score(headline(task, raw, cal), task.test),
                 "test_score_raw": task.score(raw, task.test) if cal is not None else None,
                 "test_score_calibrated": task.score(cal, task.test) if cal is not None else None,
                 "scores": [r["score"] for r in recs],
@@ -191,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not argv or "=" in argv[0]:
             raise UserError(USAGE)
         run_dir = Path(argv[0]).expanduser().resolve()
-        path = transfer(run_dir, expand_model_shorthand(argv[1:]))
+        which = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("trials=")]
+        rest = [a for a in argv[1:] if not a.startswith("trials=")]
+        path = transfer(run_dir, expand_model_shorthand(rest), which[-1] if which else "all")
         from pipelines.report import write_report
 
         report = write_report(run_dir)

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 from ray import tune
 
-from methods.evaluate import predict_raw_and_calibrated
+from methods.evaluate import calibrated, headline, predict_raw_and_calibrated
 from methods.lm import EXPORT_PROMPT, PrefixPrompt, SoftPrompt, TokenPrompt
 from pipelines.lm.budget import Budget, BudgetExhausted, Price
 from pipelines.lm.pool import connect
@@ -172,7 +172,7 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
     # Raw and calibrated predictions come from one call, so every method's report shows whether
     # it found a better instruction or only a shifted label prior.
     raw, cal = predict_raw_and_calibrated(task, best, task.test, scorer.unbudgeted)
-    preds = cal if cal is not None and task.calibration == "contextual" else raw
+    preds = headline(task, raw, cal)
     run["elapsed"] += time.perf_counter() - start
     result = {
         "trial": trial_id, "method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"],
@@ -182,7 +182,7 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         "test_score": task.score(preds, task.test), "test_groups": _groups(task, preds),
         "test_score_raw": task.score(raw, task.test) if cal is not None else None,
         "test_score_calibrated": task.score(cal, task.test) if cal is not None else None,
-        "metric": task.metric, "calibration": getattr(task, "calibration", "none"),
+        "metric": task.metric, "calibration": "contextual" if calibrated(task) else "none",
         "n_test": len(task.test), "n_dev": len(task.dev), "steps": run["step"],
         "budget_examples": Budget.parse(ctx.budget).scorer.examples, **_usage(run, scorer, proposer),
         "node": ray.get_runtime_context().get_node_id(),  # the cluster node that finished it

@@ -209,9 +209,10 @@ def test_transfer_scores_every_trials_prompt_on_another_task(sweep, data_dir):
     (("/nonexistent/run",), "not a finished run directory"),
     (("{run}", "task.n_test=5"), "name it with task=NAME"),
     (("{run}", "task=nope"), "nope"),
+    (("{run}", "trials=some"), "trials='some'; expected all or best"),
 ])
 def test_transfer_refuses_bad_input_in_one_line(args, message, tmp_path):
-    (tmp_path / "summary.json").write_text('{"trials": []}')
+    (tmp_path / "summary.json").write_text('{"trials": [{"status": "ok", "method": "manual", "task": "sst2"}]}')
     (tmp_path / "config.json").write_text('{"lm": {"scorer": {}}}')
     proc = run_transfer(*[a.format(run=tmp_path) for a in args], timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -243,3 +244,12 @@ def test_only_text_and_matching_prompts_move_to_another_model(tmp_path):
     assert moved.nearest == ("a", "b")
     assert movable({**soft_row, "prompt_file": ""}, tmp_path, True)[0] is None
     assert "not a SoftPrompt" in movable({**soft_row, "prompt_file": "prompts/p.npz"}, tmp_path, True)[1]
+
+
+def test_trials_best_keeps_each_methods_best_dev_seed():
+    from pipelines.transfer import chosen_trials
+
+    rows = [{"trial": f"{m}{s}", "method": m, "task": "sst2", "seed": s, "dev_score": d}
+            for m, s, d in [("ape", 0, 0.7), ("ape", 1, 0.9), ("ape", 2, 0.8), ("manual", 0, 0.6)]]
+    assert [r["trial"] for r in chosen_trials(rows, "best")] == ["ape1", "manual0"]
+    assert chosen_trials(rows, "all") == rows

@@ -195,16 +195,19 @@ def test_tables_for_the_driver_are_numeric(run_dir):
     assert list(tables["failures"]["trial"]) == ["mmlu-ape-3"]
 
 
-def test_best_so_far_keeps_full_dev_scores_and_the_last_record_per_step():
+def test_best_so_far_keeps_full_dev_scores_and_shares_each_steps_cost_among_its_candidates():
     recs = [
         {"score": 0.5, "n": 40, "scorer_calls": 5},
-        {"score": 0.9, "n": 8, "scorer_calls": 5},  # racing on 8 examples: too noisy to count
+        {"score": 0.9, "n": 8, "scorer_calls": 5},  # racing on 8 examples: too noisy to count, its cost does
         {"score": 0.4, "n": 40, "scorer_calls": 5},
         {"score": math.nan, "n": 40, "scorer_calls": 9},
         {"score": 0.7, "n": 40, "scorer_calls": 12},
     ]
     x, y = report.best_so_far(recs, "scorer_calls")
-    assert x.tolist() == [5, 9, 12] and y.tolist() == [0.5, 0.5, 0.7]
+    assert np.allclose(x, [5 * 40 / 88, 5, 9, 12]) and y.tolist() == [0.5, 0.5, 0.5, 0.7]
+    # a one-step method that scored four candidates on 64 examples each: four points, not one
+    x, y = report.best_so_far([{"score": s, "n": 64, "scorer_examples": 256} for s in (0.6, 0.8, 0.7, 0.9)])
+    assert x.tolist() == [64, 128, 192, 256] and y.tolist() == [0.6, 0.8, 0.8, 0.9]
 
 
 def test_mean_curve_starts_with_the_last_seed_and_holds_each_final_best():
@@ -253,13 +256,14 @@ def test_the_leaderboard_ranks_by_test_with_intervals_and_corrected_p_values(run
     assert ape["ci_lo"] < ape["test"] < ape["ci_hi"] and ape["ci_hi"] - ape["ci_lo"] < 2 * half
     lo, hi = ape[["seed_lo", "seed_hi"]]
     assert lo < ape["test"] < hi and math.isnan(board.loc["manual", "seed_lo"])  # one seed: no t-interval
-    assert math.isnan(board.loc["manual", "p_baseline"]) and math.isnan(board.loc["soft", "p_best"])
+    assert math.isnan(board.loc["manual", "p_manual"]) and math.isnan(board.loc["soft", "p_best"])
+    assert board["p_empty"].isna().all()  # no empty baseline in this run
     # soft (0.60) vs manual (0.40) on 100 examples is a real difference; Holm never lowers a p-value
-    assert board.loc["soft", "p_baseline"] < 0.05
+    assert board.loc["soft", "p_manual"] < 0.05
     run = report.load_run(run_dir)
     scores = lambda m: report.score_matrix(run, [r for r in run.ok if r["task"] == "mmlu" and r["method"] == m])  # noqa: E731
     raw = report._p(scores("soft"), scores("manual"))
-    assert board.loc["soft", "p_baseline"] == pytest.approx(min(1.0, 3 * raw))  # the smallest of three p-values: x3
+    assert board.loc["soft", "p_manual"] == pytest.approx(min(1.0, 3 * raw))  # the smallest of three p-values: x3
     assert board.loc["ape", "examples"] == pytest.approx(700.0)  # mean of 600, 700, 800
 
 
