@@ -79,6 +79,8 @@ class Task:
             before the argmax, in dev selection and on test alike (see :meth:`content_free_examples`).
         content_free: the content-free strings; every template field is filled with each in
             turn and their label probabilities averaged (the paper's "N/A", "" and "[MASK]").
+            Every field means every one: for MMLU that blanks its subject header and shots
+            too, where the paper keeps the demonstrations and blanks only the test input.
     """
 
     kind: ClassVar[str] = "label"
