@@ -93,7 +93,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         run["dev_score"] = float(report.metrics.get("dev_score", float("nan")))
         log.append(_records(spec, trial_id, run, report, scorer, proposer))
         metrics = {**report.metrics, **_usage(run, scorer, proposer)}
-        _progress(spec, run, metrics)
+        _progress(spec, run, metrics, Budget.parse(ctx.budget).scorer.examples)
         _report_with_checkpoint(metrics, run, scorer, proposer)
     # Scoring the best prompt on test is the report, not the search: outside the budget.
     _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
@@ -109,11 +109,12 @@ def _lm(ctx: TrialContext, role: str) -> RoleLM:
     )
 
 
-def _progress(spec: dict, run: dict, metrics: dict) -> None:
+def _progress(spec: dict, run: dict, metrics: dict, cap: int | None = None) -> None:
+    """One line per step; the example-evaluations used are shown against the trial's cap when it has one."""
+    used = f"{int(metrics['scorer_examples']):,}" + (f"/{cap:,}" if cap else "")
     print(
         f"[{_label(spec)}] step {run['step']}: dev_score={metrics.get('dev_score', float('nan')):.3f} "
-        f"scorer_examples={int(metrics['scorer_examples']):,} scorer_calls={int(metrics['scorer_calls'])} "
-        f"({run['elapsed']:.0f}s)", flush=True,
+        f"scorer_examples={used} scorer_calls={int(metrics['scorer_calls'])} ({run['elapsed']:.0f}s)", flush=True,
     )
 
 

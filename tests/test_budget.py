@@ -237,6 +237,7 @@ def test_projection_multiplies_the_caps_by_the_trials():
 def capped_args(tmp, data_dir) -> list[str]:
     return [*TINY_MODEL, f"data_dir={data_dir}", "logger=none", "method=ape", "method.n_prompts=3", "method.n_eval=8",
             "method.rounds=6", "method.include_manual=true", "budget.scorer.calls=2", "budget.proposer.calls=2",
+            "budget.scorer.examples=1000",
             f"cache.path={tmp / 'evals.sqlite'}"]
 
 
@@ -257,8 +258,11 @@ def capped_sweep(tmp_path_factory, data_dir):
 def test_capped_sweep_end_to_end(capped_sweep, data_dir):
     """The cap holds, the capped trial ends cleanly with its best prompt scored on test."""
     tmp, proc, rows = capped_sweep
-    assert "Projected for 2 trial(s): scorer <=4 calls; proposer <=4 calls" in proc.stdout
+    assert "Projected for 2 trial(s): scorer <=2,000 example-evaluations, <=4 calls; proposer <=4 calls" in proc.stdout
     ape = rows["ape"]
+    # the unit every method is compared in: counted, capped, and shown against the cap as it goes
+    assert ape["budget_examples"] == 1000 and 0 < ape["scorer_examples"] <= 1000
+    assert f"scorer_examples={int(ape['scorer_examples']):,}/1,000" in proc.stdout
     assert ape["status"] == "ok" and ape["scorer_budget_exhausted"] == 0 and ape["proposer_budget_exhausted"] == 1
     assert ape["steps"] == 2  # the third step's proposal was refused
     # search calls (model or cache) stay within the cap; +1 for the test scoring, outside it
