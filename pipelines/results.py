@@ -45,7 +45,10 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    # "\n" only: written with ensure_ascii=False, a record may hold U+2028, which splitlines() splits on
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line:
+            continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -73,7 +76,7 @@ class EvalLog:
         """Drop records of steps after ``step`` (work a checkpoint does not cover); returns how many."""
         records = read_jsonl(self.path)
         keep = [r for r in records if r.get("step", 0) <= step]
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        lines = [ln for ln in self.path.read_text(encoding="utf-8").split("\n") if ln] if self.path.exists() else []
         # Also rewrite to drop a torn last line: the next append would be glued onto it and lost.
         if len(keep) != len(lines):
             write_jsonl(self.path, keep)
@@ -137,7 +140,8 @@ def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     """Write records as JSONL atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    # UTF-8 as written: a translation task's outputs stay readable in the file
+    tmp.write_text("".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -252,3 +252,12 @@ def test_gradient_methods_train_on_the_gold_answer_and_are_evaluated_by_generati
     assert 0.0 <= report.metrics["dev_score"] <= 1.0 and report.evaluated
     expected = {"soft_prompt": "SoftPrompt", "prefix": "PrefixPrompt", "autoprompt": "TokenPrompt"}[method]
     assert lm.prompts == [expected]  # the dev evaluation generated, under the trained prompt
+
+
+def test_jsonl_records_keep_non_ascii_text_readable_and_whole(tmp_path):
+    from pipelines.results import read_jsonl, write_jsonl
+
+    records = [{"output": "l'été dernier"}, {"output": "one\u2028line"}, {"output": "ok"}]
+    write_jsonl(tmp_path / "o.jsonl", records)
+    assert "l'été dernier" in (tmp_path / "o.jsonl").read_text(encoding="utf-8")  # not \u00e9-escaped
+    assert read_jsonl(tmp_path / "o.jsonl") == records  # a line separator inside a record splits nothing
