@@ -112,6 +112,16 @@ def example_records(task, raw, calibrated=None) -> list[dict]:
     return out
 
 
+def test_scores(task, raw, calibrated=None) -> dict:
+    """A final prompt's test metric as the task selects (``test_score``), and raw and calibrated
+    (``None`` where there are no calibrated predictions)."""
+    return {
+        "test_score": task.score(headline(task, raw, calibrated), task.test),
+        "test_score_raw": task.score(raw, task.test) if calibrated is not None else None,
+        "test_score_calibrated": task.score(calibrated, task.test) if calibrated is not None else None,
+    }
+
+
 def save_vectors(path: Path, prompt) -> None:
     """A soft prompt's or prefix's arrays as ``.npz`` (no pickle: a shared run directory must not
     run code when it is read); the nearest words or the init text ride along as strings."""

@@ -29,11 +29,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from methods.evaluate import headline, predict_raw_and_calibrated
+from methods.evaluate import predict_raw_and_calibrated
 from methods.lm import GENERATE, TextPrompt, TokenPrompt
 from pipelines.lm.cache import cache_path, model_key
 from pipelines.plan import UserError, _built, check_group_choices, expand_model_shorthand
-from pipelines.results import example_records, load_vectors, write_json
+from pipelines.results import example_records, load_vectors, test_scores, write_json
 from tasks.generative import is_generative
 
 USAGE = "usage: python -m pipelines.transfer RUN_DIR [task=NAME] [model@lm.scorer=NAME] [trials=all|best] [overrides...]"
@@ -189,9 +189,7 @@ def _score_all(task, rows: list[dict], prompts: dict, lm, same_model: bool) -> l
             raw, cal = predict_raw_and_calibrated(task, prompt, task.test, lm)
             recs = example_records(task, raw, cal)
             done[key] = {
-                "test_score": task.score(headline(task, raw, cal), task.test),
-                "test_score_raw": task.score(raw, task.test) if cal is not None else None,
-                "test_score_calibrated": task.score(cal, task.test) if cal is not None else None,
+                **test_scores(task, raw, cal),
                 "scores": [r["score"] for r in recs],
                 "scores_raw": [r["score_raw"] for r in recs] if cal is not None else None,
                 "scores_calibrated": [r["score_calibrated"] for r in recs] if cal is not None else None,

@@ -21,14 +21,14 @@ from ray import tune
 
 from methods.evaluate import calibrated, headline, predict_raw_and_calibrated
 from methods.lm import EXPORT_PROMPT, PrefixPrompt, SoftPrompt, TokenPrompt
+from methods.racing import prediction_dtype
 from pipelines.lm.budget import Budget, BudgetExhausted, Price
 from pipelines.lm.pool import connect
 from pipelines.lm.stack import RoleLM, role_lm
 from pipelines.plan import build
-from pipelines.results import EvalLog, example_records, save_vectors, write_json, write_jsonl
+from pipelines.results import EvalLog, example_records, save_vectors, test_scores, write_json, write_jsonl
 from pipelines.summary import format_params
 from tasks.core import Task
-from tasks.generative import is_generative
 
 CHECKPOINT_FILE = "trial.pkl"
 
@@ -78,6 +78,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     log = EvalLog(Path(ctx.run_dir) / "evaluations" / f"{trial_id}.jsonl")
     run = _restore(log, scorer, proposer) or _fresh(method, task, scorer, proposer, spec["seed"])
+    cap = Budget.parse(ctx.budget).scorer.examples
     while run["step"] < ctx.max_steps and not method.done(run["state"]):
         start = time.perf_counter()
         try:
@@ -93,7 +94,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         run["dev_score"] = float(report.metrics.get("dev_score", float("nan")))
         log.append(_records(spec, trial_id, run, report, scorer, proposer))
         metrics = {**report.metrics, **_usage(run, scorer, proposer)}
-        _progress(spec, run, metrics, Budget.parse(ctx.budget).scorer.examples)
+        _progress(spec, run, metrics, cap)
         _report_with_checkpoint(metrics, run, scorer, proposer)
     # Scoring the best prompt on test is the report, not the search: outside the budget.
     _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
@@ -180,9 +181,7 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         "scorer_model": ctx.models.get("scorer", ""), "proposer_model": ctx.models.get("proposer", ""),
         "params": spec.get("sampled", {}), "prompt_kind": type(best).__name__,
         "best_prompt": best.describe(), "dev_score": run.get("dev_score", float("nan")),
-        "test_score": task.score(preds, task.test), "test_groups": _groups(task, preds),
-        "test_score_raw": task.score(raw, task.test) if cal is not None else None,
-        "test_score_calibrated": task.score(cal, task.test) if cal is not None else None,
+        **test_scores(task, raw, cal), "test_groups": _groups(task, preds),
         "metric": task.metric, "calibration": "contextual" if calibrated(task) else "none",
         "n_test": len(task.test), "n_dev": len(task.dev), "steps": run["step"],
         "budget_examples": Budget.parse(ctx.budget).scorer.examples, **_usage(run, scorer, proposer),
@@ -214,7 +213,7 @@ def _label(spec: dict) -> str:
 
 
 def _groups(task: Task, preds) -> dict[str, float]:
-    preds = np.asarray(preds, dtype=object if is_generative(task) else None)
+    preds = np.asarray(preds, dtype=prediction_dtype(task))
     groups = sorted({ex.group for ex in task.test if ex.group})
     out = {}
     for g in groups:

@@ -149,7 +149,8 @@ def _chars(texts) -> int:
 
 
 def scored_examples(requests) -> int:
-    """Example-evaluations in a scoring or gradient batch: distinct (context, prompt) pairs.
+    """Example-evaluations in a scoring or gradient batch: distinct (context, prompt) pairs
+    (a gradient batch's ``(context, target)`` pairs share the call's one prompt).
 
     A label task sends one request per label word with the same context; they are one
     evaluation. Prompts compare by value where they can (token prompts) and by identity
@@ -214,7 +215,7 @@ class BudgetedLM:
 
     def prompt_grad(self, requests, prompt):
         requests = list(requests)
-        examples = len({r[0] for r in requests})  # one prompt for all: distinct contexts
+        examples = scored_examples(requests)  # (context, target) pairs under one prompt: distinct contexts
         before = self._check(examples)
         out = self.inner.prompt_grad(requests, prompt)
         self._charge(before, examples)
