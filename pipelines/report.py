@@ -308,10 +308,21 @@ def example_scores(run: Run, row: dict, key: str = "score") -> np.ndarray | None
 
 def score_matrix(run: Run, rows: Sequence[dict], key: str = "score") -> np.ndarray | None:
     """``[n_test, seeds]`` per-example scores of a method's seeds (those with saved outputs)."""
-    cols = [s for r in rows if (s := example_scores(run, r, key)) is not None]
-    if not cols or len({c.size for c in cols}) != 1:
-        return None
-    return np.stack(cols, axis=1)
+    return _stacked([s for r in rows if (s := example_scores(run, r, key)) is not None])
+
+
+def _stacked(cols: list[np.ndarray]) -> np.ndarray | None:
+    """Seeds' per-example score vectors side by side; ``None`` without any, or if their lengths differ."""
+    return np.stack(cols, axis=1) if cols and len({c.size for c in cols}) == 1 else None
+
+
+def _against_baselines(methods: Sequence[str], mats: dict) -> dict[str, dict[str, float]]:
+    """Per baseline the run has: each other method's Holm-corrected paired p-value against it."""
+    out = {}
+    for base in BASELINES:
+        others = [m for m in methods if m != base]
+        out[base] = dict(zip(others, holm([_p(mats[m], mats.get(base)) for m in others]))) if base in mats else {}
+    return out
 
 
 def _p(a: np.ndarray | None, b: np.ndarray | None) -> float:
@@ -337,10 +348,7 @@ def leaderboard(run: Run, task: str) -> pd.DataFrame:
     mats = {m: score_matrix(run, rows) for m, rows in by.items()}
     test = {m: mean_std([r.get("test_score") for r in rows])[0] for m, rows in by.items()}
     order = sorted(by, key=lambda m: (-test[m] if math.isfinite(test[m]) else math.inf, m))
-    best, p_base = order[0], {}
-    for base in BASELINES:  # against each baseline the run has; Holm over the methods compared to it
-        others = [m for m in order if m != base]
-        p_base[base] = dict(zip(others, holm([_p(mats[m], mats.get(base)) for m in others]))) if base in by else {}
+    best, p_base = order[0], _against_baselines(order, mats)
     rest = [m for m in order if m != best]
     p_best = dict(zip(rest, holm([_p(mats[m], mats[best]) for m in rest])))
     anytime = anytime_scores(run, task)
@@ -381,15 +389,10 @@ def transfer_table(entry: dict) -> pd.DataFrame:
     """Per method (baselines first): its source test score, the target test score with a 95%
     bootstrap interval over the target's examples, raw and calibrated, and the paired p-value
     against each baseline on the target (Holm-corrected); skipped trials counted."""
-    rows = [r for r in entry.get("rows", [])]
-    mats = {}
-    for m in _method_order(rows):
-        cols = [np.asarray(r["scores"], dtype=np.float64) for r in rows if r["method"] == m and r.get("scores")]
-        mats[m] = np.stack(cols, axis=1) if cols and len({c.size for c in cols}) == 1 else None
-    p = {}
-    for base in BASELINES:
-        others = [m for m in mats if m != base]
-        p[base] = dict(zip(others, holm([_p(mats[m], mats.get(base)) for m in others]))) if base in mats else {}
+    rows = list(entry.get("rows", []))
+    mats = {m: _stacked([np.asarray(r["scores"], dtype=np.float64) for r in rows if r["method"] == m and r.get("scores")])
+            for m in _method_order(rows)}
+    p = _against_baselines(list(mats), mats)
     out = []
     for m, mat in mats.items():
         mine = [r for r in rows if r["method"] == m]
@@ -479,10 +482,11 @@ def plot_best_so_far(run: Run, task: str, path: Path) -> Path | None:
     return path
 
 
-def plot_cost_quality(run: Run, task: str, path: Path) -> Path | None:
+def plot_cost_quality(run: Run, task: str, path: Path, board: pd.DataFrame | None = None) -> Path | None:
     """Test score against the example-evaluations each method used: one point per method (mean
-    over seeds, bars = 95% bootstrap interval over test examples), faint points per seed."""
-    board, colors = leaderboard(run, task), _colors(run)
+    over seeds, bars = 95% bootstrap interval over test examples), faint points per seed.
+    ``board`` is the task's :func:`leaderboard` when the caller has it (its statistics are slow)."""
+    board, colors = leaderboard(run, task) if board is None else board, _colors(run)
     if board.empty or not np.isfinite(board["examples"]).any():
         return None
     fig = Figure(figsize=(8, 4.8))
@@ -535,9 +539,14 @@ def plot_paths(run_dir: Path | str) -> list[Path]:
     return _plots(load_run(run_dir))
 
 
-def _plots(run: Run) -> list[Path]:
-    made = [plot(run, task, run.dir / _png(kind, task)) for task in _tasks(run)
-            for kind, plot in (("best_so_far", plot_best_so_far), ("test", plot_test), ("cost", plot_cost_quality))]
+def _plots(run: Run, tables: dict[str, pd.DataFrame] | None = None) -> list[Path]:
+    """Every plot of every task; with the report's ``tables``, the cost plot reuses their leaderboard."""
+    made = []
+    for task in _tasks(run):
+        board = (tables or {}).get(f"leaderboard/{task}")
+        made += [plot_best_so_far(run, task, run.dir / _png("best_so_far", task)),
+                 plot_test(run, task, run.dir / _png("test", task)),
+                 plot_cost_quality(run, task, run.dir / _png("cost", task), board)]
     return [p for p in made if p is not None]
 
 
@@ -732,7 +741,8 @@ def write_report(run_dir: Path | str) -> Path:
     """Write ``report.md`` and the plots into ``run_dir``; returns the report's path."""
     run = load_run(run_dir)
     path = run.dir / "report.md"
-    path.write_text(render(run, _tables(run), _plots(run)))
+    tables = _tables(run)
+    path.write_text(render(run, tables, _plots(run, tables)))
     return path
 
 
