@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from methods.base import Evaluated, Report
+from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import successive_halving
@@ -148,6 +148,9 @@ class APE:
         if not state.scored:
             raise ValueError("APE has scored no candidate yet; run at least one step")
         return TextPrompt(max(state.scored, key=lambda s: s[1])[0])
+
+    def snapshot(self, state: APEState) -> Snapshot:
+        return Snapshot(population=ranked(state.scored))
 
     def done(self, state: APEState) -> bool:
         return state.round > self.rounds

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from methods.base import Evaluated, Report
+from methods.base import Evaluated, Report, Snapshot
 from methods.evaluate import predictions, requests_for, score_prompts, subsample
 from methods.lm import LM, Needs, PROMPT_GRAD, PROMPT_SLOT, Request, TOKEN_EMBEDDINGS, TokenPrompt
 from tasks.core import Example, Task
@@ -194,6 +194,9 @@ class AutoPrompt:
         if state.best_ids:
             return TokenPrompt(state.best_ids, state.best_text)
         return TokenPrompt(state.ids, state.text)
+
+    def snapshot(self, state: AutoPromptState) -> Snapshot:
+        return Snapshot(current=TokenPrompt(state.ids, state.text))
 
     def done(self, state: AutoPromptState) -> bool:
         return False

@@ -48,6 +48,34 @@ class Report:
     evaluated: tuple[Evaluated, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What a method holds after a step, for people watching a sweep; the search never reads it.
+
+    Attributes:
+        current: where the search is now, when that differs from :meth:`Method.best`
+            (AutoPrompt's current triggers, a soft prompt's current vectors).
+        population: the candidates the method keeps, ``(text, dev score)``, best first
+            (EvoPrompt's population, ProTeGi's beam, OPRO's trajectory).
+    """
+
+    current: Prompt | None = None
+    population: tuple[tuple[str, float], ...] = ()
+
+
+class Watchable(Protocol[State]):
+    """Optional: a method that can show its current search state (see :class:`Snapshot`)."""
+
+    def snapshot(self, state: State) -> Snapshot:
+        ...
+
+
+def ranked(scored, limit: int = 0) -> tuple[tuple[str, float], ...]:
+    """``(text, score)`` pairs best first (a stable sort: earlier first on a tie), at most ``limit`` (0: all)."""
+    out = tuple(sorted(((str(t), float(s)) for t, s, *_ in scored), key=lambda p: -p[1]))
+    return out[:limit] if limit else out
+
+
 class Method(Protocol, Generic[State]):
     """A prompt optimizer. Implementations are plain classes built from flat typed arguments."""
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from methods.base import Evaluated, Report
+from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev, predict_many
@@ -240,6 +240,9 @@ class Calibration:
         if not state.scored:
             raise ValueError("Calibration has scored nothing yet; run at least one step")
         return TextPrompt(self.current(state))
+
+    def snapshot(self, state: CalibrationState) -> Snapshot:
+        return Snapshot(population=ranked(state.scored))
 
     def done(self, state: CalibrationState) -> bool:
         return False

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from methods.ape import RESAMPLE_TEMPLATE
-from methods.base import Evaluated, Report
+from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.evaluate import score_prompts
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
@@ -242,6 +242,9 @@ class EvoPrompt:
         if not state.population:
             raise ValueError("EvoPrompt has no population yet; run at least one step")
         return TextPrompt(max(state.population, key=lambda p: p[1])[0])
+
+    def snapshot(self, state: EvoState) -> Snapshot:
+        return Snapshot(population=ranked(state.population))
 
     def done(self, state: EvoState) -> bool:
         return False

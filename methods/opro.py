@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from methods.base import Evaluated, Report
+from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
@@ -135,6 +135,10 @@ class OPRO:
         if not state.scored:
             raise ValueError("OPRO has scored nothing yet; run at least one step")
         return TextPrompt(max(state.scored, key=lambda p: p[1])[0])
+
+    def snapshot(self, state: OPROState) -> Snapshot:
+        # The trajectory the next meta-prompt shows.
+        return Snapshot(population=ranked(state.scored, self.top_k))
 
     def done(self, state: OPROState) -> bool:
         # OPRO has no natural end: the pipeline's step cap (or early stopping) ends it.

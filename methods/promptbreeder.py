@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from methods.base import Evaluated, Report
+from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev, predict_many
@@ -269,6 +269,9 @@ class Promptbreeder:
         if not state.units:
             raise ValueError("Promptbreeder has no population yet; run at least one step")
         return TextPrompt(state.units[elite(state.units)][0])
+
+    def snapshot(self, state: BreederState) -> Snapshot:
+        return Snapshot(population=ranked((task_prompt, fitness) for task_prompt, _, fitness in state.units))
 
     def done(self, state: BreederState) -> bool:
         return False

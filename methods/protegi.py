@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from methods.ape import RESAMPLE_TEMPLATE
-from methods.base import Evaluated, Report
+from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import Race, fixed_dev, minibatch_pull, predict_many, successive_rejects, ucb_race
@@ -240,6 +240,10 @@ class ProTeGi:
         if not state.scored:
             raise ValueError("ProTeGi has scored nothing yet; run at least one step")
         return TextPrompt(max(state.scored, key=lambda p: p[1])[0])
+
+    def snapshot(self, state: ProTeGiState) -> Snapshot:
+        scores = dict(state.scored)
+        return Snapshot(population=ranked((text, scores.get(text, float("nan"))) for text in state.beam))
 
     def done(self, state: ProTeGiState) -> bool:
         return False

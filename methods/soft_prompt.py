@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from methods.autoprompt import label_requests
-from methods.base import Evaluated, Report
+from methods.base import Evaluated, Report, Snapshot
 from methods.evaluate import score_prompts, slot_text, subsample
 from methods.lm import LM, Needs, PREFIX_STATES, PROMPT_GRAD, PrefixPrompt, SoftPrompt, TOKEN_EMBEDDINGS
 from tasks.core import Task
@@ -211,6 +211,9 @@ class SoftPromptTuning:
         if state.best is not None:
             return self._wrap(state.best, state.origin, state.best_nearest)
         return self._wrap(self._forward(state.params)[0], state.origin)
+
+    def snapshot(self, state: SoftPromptState) -> Snapshot:
+        return Snapshot(current=self._wrap(self._forward(state.params)[0], state.origin))
 
     def done(self, state: SoftPromptState) -> bool:
         return False

@@ -81,6 +81,7 @@ def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: 
     tasks = build_all(specs, caps, choices)
     if plain["search"]["scheduler"] not in SCHEDULERS:
         raise UserError(f"unknown search.scheduler {plain['search']['scheduler']!r}; expected {', '.join(SCHEDULERS)}")
+    check_progress(plain.get("progress") or {})
     n = len(specs) * int(plain["search"]["num_samples"])
     task_names = ",".join(dict.fromkeys(spec["task_name"] for spec in specs))
     try:
@@ -94,6 +95,16 @@ def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: 
         raise UserError(str(err)) from err
     warnings = tuple(w for task in tasks.values() for w in data_warnings(task))
     return Plan(plain, specs, space, tasks, caps, lines + tuple(f"warning: {w}" for w in warnings), warnings)
+
+
+def check_progress(progress: dict) -> None:
+    from pipelines.progress import MODES
+
+    if progress.get("mode", "auto") not in MODES:
+        raise UserError(f"progress.mode must be one of {', '.join(MODES)}, not {progress.get('mode')!r}")
+    interval = progress.get("interval_s", 30)
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
+        raise UserError(f"progress.interval_s must be a number of seconds > 0, not {interval!r}")
 
 
 def capabilities(plain: dict) -> dict[str, frozenset[str]]:

@@ -14,6 +14,12 @@ def format_params(params: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+def trial_label(spec: dict) -> str:
+    """How a trial names itself in progress lines: method, seed and any sampled hyperparameters."""
+    sampled = format_params(spec.get("sampled", {}))
+    return f"{spec['method_name']} seed={spec['seed']}" + (f" {sampled}" if sampled else "")
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 

@@ -15,10 +15,11 @@ import ray
 from ray import tune
 
 from methods.lm import GENERATE, Request
-from pipelines.lm.budget import trial_settings
+from pipelines.lm.budget import Budget, trial_settings
 from pipelines.lm.cache import cache_path, model_key
 from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
 from pipelines.lm.stack import role_lm
+from pipelines.progress import SweepProgress
 from pipelines.plan import (
     CONNECT_TIMEOUT_S, SECRET_KEY, Plan, UserError, check_address, first_line, redact, task_key,
 )
@@ -37,6 +38,9 @@ def start_ray(cfg: dict) -> str:
     # Tune's newer console output prints an experiment banner and TensorBoard hints even at
     # verbose=0; the legacy reporter at verbose=0 prints nothing. Trials print their own lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Every step checkpoints, by design (resume loses at most the step in flight); Tune warns
+    # about frequent experiment snapshots on short steps, which is not the user's to fix.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     namespace = cfg["ray"]["namespace"] or f"psw-{uuid.uuid4().hex[:8]}"
     address = check_address(cfg["ray"])
     if address:
@@ -122,6 +126,8 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
     """Run (or resume) the planned sweep; returns one row per trial, failures included."""
     cfg = plan.cfg
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Fixed before the first trial and saved with the config: a resumed sweep's runs join the same group.
+    cfg["logger"]["group"] = cfg["logger"].get("group") or sweep_group(run_dir)
     write_json(run_dir / "config.json", redact(cfg))
     namespace = start_ray(cfg)
     try:
@@ -140,7 +146,7 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},
             max_steps=int(cfg["search"]["max_steps"]),
             cache_path=cache_path(cfg.get("cache")), model_keys={r: model_key(cfg["lm"][r]) for r in cfg["lm"]},
-            capabilities=plan.capabilities, **trial_settings(cfg),
+            capabilities=plan.capabilities, logger=cfg["logger"], **trial_settings(cfg),
         )
         grid = _fit(cfg, plan.specs, plan.space, run_dir, ctx)
         _save_actor_stats(run_dir, pools, handles)
@@ -148,6 +154,11 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
         return _rows(run_dir, grid)
     finally:
         ray.shutdown()
+
+
+def sweep_group(run_dir: Path) -> str:
+    """The W&B group of a sweep's runs: its run directory's last two parts (``outputs/DATE/TIME``)."""
+    return f"{run_dir.parent.name}-{run_dir.name}"
 
 
 def _driver_lm(cfg: dict, plan: Plan, role: str, handles: list):
@@ -226,12 +237,19 @@ def _trainable(cfg: dict, ctx: TrialContext):
     return tune.with_resources(fn, {"cpu": float(cfg["resources"]["trial_cpus"]), **extra})
 
 
+def progress_view(cfg: dict, ctx: TrialContext) -> SweepProgress:
+    progress = cfg.get("progress") or {}
+    return SweepProgress(Budget.parse(ctx.budget).scorer.examples, ctx.max_steps,
+                         mode=progress.get("mode", "auto"), interval_s=float(progress.get("interval_s", 30)))
+
+
 def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialContext):
     search = cfg["search"]
     trainable = _trainable(cfg, ctx)
     tune_dir = run_dir / "tune"
     if cfg.get("resume"):
         # Same trial ids, so each trial finds its checkpoint and its own evaluation log again.
+        # The progress view comes back with the run config Tune saved (it keeps only its settings).
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
     tuner = tune.Tuner(
@@ -245,7 +263,7 @@ def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialCon
         ),
         run_config=tune.RunConfig(
             # Tune's own tables print every trial's whole config; trials print one line per step instead.
-            name="tune", storage_path=str(run_dir), verbose=0,
+            name="tune", storage_path=str(run_dir), verbose=0, callbacks=[progress_view(cfg, ctx)],
             failure_config=tune.FailureConfig(max_failures=int(search["max_failures"])),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),

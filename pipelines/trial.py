@@ -19,15 +19,17 @@ import numpy as np
 import ray
 from ray import tune
 
+from methods.base import Snapshot
 from methods.evaluate import calibrated, headline, predict_raw_and_calibrated
 from methods.lm import EXPORT_PROMPT, PrefixPrompt, SoftPrompt, TokenPrompt
 from methods.racing import prediction_dtype
 from pipelines.lm.budget import Budget, BudgetExhausted, Price
 from pipelines.lm.pool import connect
 from pipelines.lm.stack import RoleLM, role_lm
-from pipelines.plan import build
+from pipelines.live import LiveLog, start_run, step_rows
+from pipelines.plan import build, redact
 from pipelines.results import EvalLog, example_records, save_vectors, test_scores, write_json, write_jsonl
-from pipelines.summary import format_params
+from pipelines.summary import trial_label
 from tasks.core import Task
 
 CHECKPOINT_FILE = "trial.pkl"
@@ -47,6 +49,7 @@ class TrialContext:
             model in its keys.
         budget: per-role limits (the ``budget`` config); ``prices`` price each role's tokens.
         capabilities: what each role's backend declares, by role.
+        logger: the W&B settings each trial's live run uses (``logger`` config, with its group).
     """
 
     run_dir: str
@@ -60,6 +63,7 @@ class TrialContext:
     budget: dict = field(default_factory=dict)
     prices: dict = field(default_factory=dict)
     capabilities: dict = field(default_factory=dict)
+    logger: dict = field(default_factory=dict)
 
 
 def apply_samples(spec: dict, sample: dict) -> dict:
@@ -79,6 +83,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     log = EvalLog(Path(ctx.run_dir) / "evaluations" / f"{trial_id}.jsonl")
     run = _restore(log, scorer, proposer) or _fresh(method, task, scorer, proposer, spec["seed"])
     cap = Budget.parse(ctx.budget).scorer.examples
+    live = LiveLog(run.get("live"), *start_run(ctx.logger, Path(ctx.run_dir), _wandb_config(ctx, spec)))
+    live.catch_up()
     while run["step"] < ctx.max_steps and not method.done(run["state"]):
         start = time.perf_counter()
         try:
@@ -87,7 +93,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             # The unfinished step is dropped whole (its results stay in the cache); the state,
             # the log and the checkpoint are those of the last finished step.
             run["elapsed"] += time.perf_counter() - start
-            print(f"[{_label(spec)}] stopped after step {run['step']}: {err}", flush=True)
+            print(f"[{trial_label(spec)}] stopped after step {run['step']}: {err}", flush=True)
             break
         run["step"] += 1
         run["elapsed"] += time.perf_counter() - start
@@ -95,9 +101,27 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         log.append(_records(spec, trial_id, run, report, scorer, proposer))
         metrics = {**report.metrics, **_usage(run, scorer, proposer)}
         _progress(spec, run, metrics, cap)
+        _watch(live, method, run, metrics, report, scorer)
         _report_with_checkpoint(metrics, run, scorer, proposer)
     # Scoring the best prompt on test is the report, not the search: outside the budget.
-    _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
+    result = _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
+    live.finish({k: v for k, v in result.items() if k.startswith(("test_score", "dev_score", "steps"))})
+
+
+def _watch(live: LiveLog, method, run: dict, metrics: dict, report, scorer: RoleLM) -> None:
+    """The step's rows for the trial's live view (and W&B run), kept in the checkpoint."""
+    snapshot = method.snapshot(run["state"]) if hasattr(method, "snapshot") else Snapshot()
+    history, per_step = step_rows(run["step"], run["dev_score"], method.best(run["state"]), snapshot,
+                                  report.evaluated, live.decoder(scorer.unbudgeted.decode))
+    live.record(run["step"], metrics, history, per_step)
+    run["live"] = live.state()
+
+
+def _wandb_config(ctx: TrialContext, spec: dict) -> dict:
+    """What the trial's W&B run shows as its config (secrets redacted, as in config.json)."""
+    return redact({"method": spec["method_name"], "task": spec["task_name"], "seed": spec["seed"],
+                   "params": spec.get("sampled", {}), "method_config": spec["method"], "task_config": spec["task"],
+                   "models": ctx.models, "budget": ctx.budget})
 
 
 def _lm(ctx: TrialContext, role: str) -> RoleLM:
@@ -114,7 +138,7 @@ def _progress(spec: dict, run: dict, metrics: dict, cap: int | None = None) -> N
     """One line per step; the example-evaluations used are shown against the trial's cap when it has one."""
     used = f"{int(metrics['scorer_examples']):,}" + (f"/{cap:,}" if cap else "")
     print(
-        f"[{_label(spec)}] step {run['step']}: dev_score={metrics.get('dev_score', float('nan')):.3f} "
+        f"[{trial_label(spec)}] step {run['step']}: dev_score={metrics.get('dev_score', float('nan')):.3f} "
         f"scorer_examples={used} scorer_calls={int(metrics['scorer_calls'])} ({run['elapsed']:.0f}s)", flush=True,
     )
 
@@ -167,7 +191,7 @@ def _report_with_checkpoint(metrics: dict, run: dict, scorer: RoleLM, proposer: 
 
 
 def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, run: dict,
-            scorer: RoleLM, proposer: RoleLM) -> None:
+            scorer: RoleLM, proposer: RoleLM) -> dict:
     """Score the final best prompt on test (the only time test data is touched) and record it."""
     start = time.perf_counter()
     best = method.best(run["state"])
@@ -201,15 +225,10 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
     write_jsonl(outputs, example_records(task, raw, cal))
     result["outputs"] = str(outputs.relative_to(ctx.run_dir))
     write_json(Path(ctx.run_dir) / "trials" / f"{trial_id}.json", result)
-    print(f"[{_label(spec)}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
+    print(f"[{trial_label(spec)}] done: test_score={result['test_score']:.3f} on {len(task.test)} "
           f"test examples ({run['elapsed']:.0f}s)", flush=True)
     tune.report({"test_score": result["test_score"], "dev_score": result["dev_score"], **_usage(run, scorer, proposer)})
-
-
-def _label(spec: dict) -> str:
-    """How a trial names itself in progress lines: method, seed and any sampled hyperparameters."""
-    sampled = format_params(spec.get("sampled", {}))
-    return f"{spec['method_name']} seed={spec['seed']}" + (f" {sampled}" if sampled else "")
+    return result
 
 
 def _groups(task: Task, preds) -> dict[str, float]:

@@ -1,4 +1,7 @@
-"""W&B logging from the driver: one run per sweep, with tables of every candidate and the comparison.
+"""The end-of-sweep W&B run, from the driver: tables of every candidate and the comparison.
+
+Each trial has its own live run (``pipelines/live.py``); this one joins them in the sweep's
+group (``logger.group``) with ``job_type="comparison"``.
 
 Offline by default (no network or key needed; ``wandb sync`` uploads later). Only the
 redacted config is logged; API keys never reach W&B.
@@ -25,7 +28,8 @@ def log_run(cfg: dict, rows: list[dict], run_dir: Path) -> None:
     logger = cfg["logger"]
     run = wandb.init(
         project=logger["project"], entity=logger.get("entity"), mode=logger["mode"], dir=str(run_dir),
-        name=run_dir.name, config=cfg, job_type="sweep", reinit="finish_previous",
+        group=logger.get("group"), name=f"{logger.get('group') or run_dir.name} comparison", config=cfg,
+        job_type="comparison", reinit="finish_previous",
     )
     try:
         evals = read_jsonl(run_dir / "evaluations.jsonl")

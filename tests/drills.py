@@ -61,6 +61,9 @@ class SlowSteps:
     def done(self, state) -> bool:
         return self.method.done(state)
 
+    def snapshot(self, state):
+        return self.method.snapshot(state)
+
 
 class _Delegate:
     """Forwards every attribute it does not define to the wrapped backend."""

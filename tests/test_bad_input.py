@@ -66,6 +66,8 @@ def custom(path: Path, *extra: str) -> list[str]:
         (["method.temperature=nan"], "APE: argument temperature=nan should be float (finite)"),
         (["task.label_words=[' negative','']"], "label word 1 is ''"),
         (["task.label_words=[' good',' good']"], "repeat a word"),
+        (["progress.mode=fancy"], "progress.mode must be one of auto, live, plain, off, not 'fancy'"),
+        (["progress.interval_s=0"], "progress.interval_s must be a number of seconds > 0, not 0"),
     ],
 )
 def test_bad_numbers_and_arguments(overrides, message, data_dir):

@@ -253,3 +253,36 @@ def test_trials_best_keeps_each_methods_best_dev_seed():
             for m, s, d in [("ape", 0, 0.7), ("ape", 1, 0.9), ("ape", 2, 0.8), ("manual", 0, 0.6)]]
     assert [r["trial"] for r in chosen_trials(rows, "best")] == ["ape1", "manual0"]
     assert chosen_trials(rows, "all") == rows
+
+
+def test_every_trial_logs_a_live_wandb_run_in_the_sweeps_group(sweep):
+    """Per step, each trial's own W&B run holds the dev score and the best prompt so far; the
+    comparison run joins them in one group; the API key in the environment reaches none of it."""
+    from pipelines.live import history, last_table, records, run_dirs, run_info
+
+    run_dir, proc = sweep
+    group = json.loads((run_dir / "config.json").read_text())["logger"]["group"]
+    assert group == f"{run_dir.parent.name}-{run_dir.name}"
+    for row in _summary(run_dir)["trials"]:
+        (folder,) = run_dirs(run_dir / "wandb", row["trial"])
+        recs = records(folder)
+        assert run_info(recs)["group"] == group and run_info(recs)["job_type"] == "trial"
+        steps = history(recs)
+        assert [h["_step"] for h in steps] == list(range(1, row["steps"] + 1))
+        assert steps[-1]["dev_score"] == pytest.approx(row["dev_score"])
+        best = last_table(folder, recs, "best_prompt")
+        assert [r[0] for r in best["data"]] == list(range(1, row["steps"] + 1))
+        assert best["data"][-1][2] == row["best_prompt"]
+        if row["method"] == "ape":  # a population method shows what it keeps
+            assert last_table(folder, recs, "population")["data"][0][2] == row["best_prompt"]
+    comparison = [d for d in run_dirs(run_dir / "wandb") if run_info(records(d)).get("job_type") == "comparison"]
+    assert len(comparison) == 1 and run_info(records(comparison[0]))["group"] == group
+    files = [p for p in (run_dir / "wandb").rglob("*") if p.is_file()]
+    assert not [p for p in files if b"secret-key-do-not-log" in p.read_bytes()]
+
+
+def test_off_a_terminal_the_sweep_prints_plain_progress_lines(sweep):
+    _, proc = sweep
+    heads = [ln for ln in proc.stdout.splitlines() if ln.startswith("[sweep] ")]
+    assert heads and heads[-1].startswith("[sweep] 0 running, 0 pending, 4 done, 0 failed | 100% of the sweep")
+    assert "\x1b[2K" not in proc.stdout  # no in-place redraws in a log

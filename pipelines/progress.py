@@ -1,0 +1,218 @@
+"""The sweep's progress view in the terminal: trials by status, each running trial's budget, and an ETA.
+
+A Ray Tune callback on the driver: it reads what each trial last reported (step, dev score,
+example-evaluations used) from Tune's own trial objects, so it holds no state a resume
+would have to restore. On a terminal it is a ``rich`` live table refreshed in place (the
+trials' own lines scroll above it); when output is not a terminal (CI, ``ray job submit``
+logs, a pipe) it prints the same facts as plain ``[sweep]`` lines: the headline when a trial
+starts or ends, and the headline with every running trial every ``interval_s`` seconds.
+
+The estimate of the time left assumes the rest of the sweep goes at the pace of this run
+so far: ``elapsed * left / done``, where each trial's share done is the larger of its
+example-evaluations against its cap and its steps against ``max_steps`` (a method that
+stops early finishes sooner). Scoring the final prompt on test, after the search, is not
+in it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+from ray.tune import Callback
+
+from pipelines.summary import trial_label
+from pipelines.trial import apply_samples
+
+MODES = ("auto", "live", "plain", "off")
+FINISHED = ("TERMINATED", "ERROR")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One trial as the view shows it."""
+
+    label: str
+    status: str
+    step: int
+    dev: float
+    examples: int
+    calls: int
+    wall_s: float
+    share: float  # of the trial's work done, in [0, 1]
+
+
+def row(trial, cap: int | None, max_steps: int) -> Row:
+    """A Tune trial's last report as a :class:`Row`."""
+    result = trial.last_result or {}
+    config = trial.config or {}
+    spec = apply_samples(config["trial"], config.get("sample", {})) if "trial" in config else {}
+    step, examples = int(result.get("step", 0) or 0), int(result.get("scorer_examples", 0) or 0)
+    status = str(trial.status)
+    if status in FINISHED or "test_score" in result:  # the last report comes after the search
+        share = 1.0
+    else:
+        share = max(step / max_steps if max_steps else 0.0, examples / cap if cap else 0.0)
+    return Row(trial_label(spec) if spec else str(trial), status, step, float(result.get("dev_score", math.nan)),
+               examples, int(result.get("scorer_calls", 0) or 0), float(result.get("wall_s", 0.0) or 0.0),
+               min(share, 1.0))
+
+
+def counts(rows: list[Row]) -> dict[str, int]:
+    running = sum(r.status in ("RUNNING", "PAUSED") for r in rows)
+    done = sum(r.status == "TERMINATED" for r in rows)
+    failed = sum(r.status == "ERROR" for r in rows)
+    return {"running": running, "pending": len(rows) - running - done - failed, "done": done, "failed": failed}
+
+
+def eta_s(rows: list[Row], elapsed_s: float, share_at_start: float) -> float | None:
+    """Seconds left at this run's pace so far (``None`` until some work is done in this run)."""
+    if not rows:
+        return None
+    share = sum(r.share for r in rows) / len(rows)
+    gained = share - share_at_start
+    if share >= 1.0:
+        return 0.0
+    if gained <= 1e-9 or elapsed_s <= 0:
+        return None
+    return elapsed_s * (1.0 - share) / gained
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def headline(rows: list[Row], elapsed_s: float, eta: float | None) -> str:
+    c = counts(rows)
+    share = sum(r.share for r in rows) / len(rows) if rows else 0.0
+    return (f"{c['running']} running, {c['pending']} pending, {c['done']} done, {c['failed']} failed"
+            f" | {share:.0%} of the sweep | elapsed {duration(elapsed_s)}, ETA {duration(eta)}")
+
+
+def budget_text(r: Row, cap: int | None) -> str:
+    return f"{r.examples:,}/{cap:,} ({r.examples / cap:.0%})" if cap else f"{r.examples:,}"
+
+
+def step_text(r: Row, max_steps: int) -> str:
+    return f"{r.step}/{max_steps}" if max_steps else str(r.step)
+
+
+def plain_lines(rows: list[Row], elapsed_s: float, eta: float | None, cap: int | None, max_steps: int) -> list[str]:
+    """The view as plain lines: the headline, then one line per running trial."""
+    lines = [f"[sweep] {headline(rows, elapsed_s, eta)}"]
+    for r in rows:
+        if r.status in ("RUNNING", "PAUSED"):
+            lines.append(f"[sweep]   {r.label}: step {step_text(r, max_steps)}, dev {r.dev:.3f}, "
+                         f"scorer_examples {budget_text(r, cap)}, {duration(r.wall_s)}")
+    return lines
+
+
+def table(rows: list[Row], elapsed_s: float, eta: float | None, cap: int | None, max_steps: int):
+    """The view as a ``rich`` table: running trials, then failed ones."""
+    from rich.table import Table
+
+    t = Table(title=f"promptsweep: {headline(rows, elapsed_s, eta)}", title_justify="left", expand=False)
+    for name, justify in (("trial", "left"), ("status", "left"), ("step", "right"), ("dev", "right"),
+                          ("scorer examples", "right"), ("calls", "right"), ("time", "right")):
+        t.add_column(name, justify=justify, no_wrap=name != "trial")
+    shown = [r for r in rows if r.status in ("RUNNING", "PAUSED")] + [r for r in rows if r.status == "ERROR"]
+    for r in shown:
+        style = "red" if r.status == "ERROR" else None
+        t.add_row(r.label, r.status.lower(), step_text(r, max_steps), "" if math.isnan(r.dev) else f"{r.dev:.3f}",
+                  budget_text(r, cap), str(r.calls), duration(r.wall_s), style=style)
+    return t
+
+
+class SweepProgress(Callback):
+    """Tune callback drawing the progress view (see the module docstring).
+
+    Args:
+        cap: each trial's cap on scorer example-evaluations (``None``: no cap).
+        max_steps: each trial's cap on steps.
+        mode: ``auto`` (live on a terminal, else plain), ``live``, ``plain`` or ``off``.
+        interval_s: plain mode prints at most this often while nothing starts or ends.
+    """
+
+    def __init__(self, cap: int | None, max_steps: int, mode: str = "auto", interval_s: float = 30.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"progress.mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.cap, self.max_steps, self.mode, self.interval_s = cap, int(max_steps), mode, float(interval_s)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._start = time.monotonic()
+        self._share_at_start: float | None = None
+        self._live = None
+        self._printed_at = -math.inf
+        self._printed_counts: dict | None = None
+        self._drawn_at = -math.inf
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its run config (callbacks included) for Tuner.restore: keep settings only.
+        return {"cap": self.cap, "max_steps": self.max_steps, "mode": self.mode, "interval_s": self.interval_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def setup(self, **info) -> None:
+        self._reset()
+        if self._resolved_mode() == "live":
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(), refresh_per_second=2, redirect_stdout=True, redirect_stderr=True)
+            self._live.start()
+
+    def _resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "live" if sys.stdout.isatty() else "plain"
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        self._show(trials)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._show(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._show(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._show(trials)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._show(trials, final=True)
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def _show(self, trials: list, final: bool = False) -> None:
+        mode = self._resolved_mode()
+        if mode == "off":
+            return
+        now = time.monotonic()
+        rows = [row(t, self.cap, self.max_steps) for t in trials]
+        if self._share_at_start is None and rows:  # a resumed sweep starts part-way
+            self._share_at_start = sum(r.share for r in rows) / len(rows)
+        elapsed = now - self._start
+        eta = eta_s(rows, elapsed, self._share_at_start or 0.0)
+        if mode == "live":
+            if self._live is not None and (final or now - self._drawn_at >= 0.5):
+                self._live.update(table(rows, elapsed, eta, self.cap, self.max_steps), refresh=True)
+                self._drawn_at = now
+            return
+        c = counts(rows)
+        if final or now - self._printed_at >= self.interval_s:
+            print(*plain_lines(rows, elapsed, eta, self.cap, self.max_steps), sep="\n", flush=True)
+            self._printed_at, self._printed_counts = now, c
+        elif c != self._printed_counts:  # a trial started or ended: the headline only
+            print(plain_lines(rows, elapsed, eta, self.cap, self.max_steps)[0], flush=True)
+            self._printed_counts = c
