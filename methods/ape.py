@@ -152,5 +152,8 @@ class APE:
     def snapshot(self, state: APEState) -> Snapshot:
         return Snapshot(population=ranked(state.scored))
 
+    def planned_steps(self) -> int:
+        return self.rounds + 1
+
     def done(self, state: APEState) -> bool:
         return state.round > self.rounds

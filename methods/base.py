@@ -70,6 +70,17 @@ class Watchable(Protocol[State]):
         ...
 
 
+class Planned(Protocol):
+    """Optional: a method that knows how many steps it takes (``manual``: 1; APE: its rounds + 1).
+
+    Only the progress view reads it, to estimate the time left of a trial that is not bounded
+    by a budget.
+    """
+
+    def planned_steps(self) -> int:
+        ...
+
+
 def ranked(scored, limit: int = 0) -> tuple[tuple[str, float], ...]:
     """``(text, score)`` pairs best first (a stable sort: earlier first on a tie), at most ``limit`` (0: all)."""
     out = tuple(sorted(((str(t), float(s)) for t, s, *_ in scored), key=lambda p: -p[1]))

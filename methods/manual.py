@@ -58,5 +58,8 @@ class Manual:
     def best(self, state: ManualState) -> TextPrompt:
         return TextPrompt(state.instruction)
 
+    def planned_steps(self) -> int:
+        return 1
+
     def done(self, state: ManualState) -> bool:
         return state.dev_score is not None

@@ -23,7 +23,6 @@ runs back from disk: each run's steps per session, and a table as last logged.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -141,11 +140,16 @@ class LiveLog:
             self.run.log({**self.metrics[step], **tables}, step=step, commit=True)
             self.logged = step
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: dict, failed: bool = False) -> None:
         if self.run is None:
             return
+        import wandb
+
         self.run.summary.update(_scalars(summary))
-        self.run.finish()
+        self.run.finish(exit_code=1 if failed else 0)
+        # Now, not in W&B's exit hook: a Ray worker's W&B service may be gone by then, and the
+        # hook then prints a traceback for a run that was already saved.
+        wandb.teardown()
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -270,20 +274,16 @@ def show(run_dir: Path, trial: str = "", table: str = "") -> str:
         if table:
             got = last_table(folders[-1], recs[-1], table)
             if got:
+                import pandas as pd
+
+                frame = pd.DataFrame(got["data"], columns=got["columns"]).to_string(index=False, float_format="{:.3f}".format)
                 lines.append(f"  table {table} at step {got['step']}:")
-                lines.append("    " + " | ".join(got["columns"]))
-                lines += ["    " + " | ".join(_cell(c) for c in row) for row in got["data"]]
+                lines += ["    " + ln for ln in frame.splitlines()]
     return "\n".join(lines) if lines else f"no W&B runs in {wandb_dir}"
 
 
 def _spans(sessions: list[list[int]]) -> str:
     return " + ".join(f"{s[0]}..{s[-1]}" if len(s) > 1 else (str(s[0]) if s else "none") for s in sessions)
-
-
-def _cell(value) -> str:
-    if isinstance(value, float) and not math.isnan(value):
-        return f"{value:.3f}"
-    return str(value)
 
 
 def main(argv: list[str]) -> int:

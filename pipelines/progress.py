@@ -8,10 +8,11 @@ logs, a pipe) it prints the same facts as plain ``[sweep]`` lines: the headline 
 starts or ends, and the headline with every running trial every ``interval_s`` seconds.
 
 The estimate of the time left assumes the rest of the sweep goes at the pace of this run
-so far: ``elapsed * left / done``, where each trial's share done is the larger of its
-example-evaluations against its cap and its steps against ``max_steps`` (a method that
-stops early finishes sooner). Scoring the final prompt on test, after the search, is not
-in it.
+so far: ``elapsed * left / done``, where each trial's share done is the furthest of its
+example-evaluations against its cap, its steps against ``max_steps`` and its steps against
+those its method plans (``manual``: 1, APE: its rounds + 1; the trial reports it as
+``progress``). An open-ended method that stops early (GRIPS's patience) finishes sooner than
+estimated; scoring the final prompt on test, after the search, is not in it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class Row:
     calls: int
     wall_s: float
     share: float  # of the trial's work done, in [0, 1]
+    tested: bool = False  # its final prompt was scored on test: the trial's last report
+
+
+NOT_CREATED = Row("", "PENDING", 0, math.nan, 0, 0, 0.0, 0.0)  # a trial Tune has not created yet
 
 
 def row(trial, cap: int | None, max_steps: int) -> Row:
@@ -50,21 +55,28 @@ def row(trial, cap: int | None, max_steps: int) -> Row:
     config = trial.config or {}
     spec = apply_samples(config["trial"], config.get("sample", {})) if "trial" in config else {}
     step, examples = int(result.get("step", 0) or 0), int(result.get("scorer_examples", 0) or 0)
-    status = str(trial.status)
-    if status in FINISHED or "test_score" in result:  # the last report comes after the search
+    status, tested = str(trial.status), "test_score" in result  # the last report comes after the search
+    if status in FINISHED or tested:
         share = 1.0
+    elif "progress" in result:  # the trial's own: it also knows the steps its method plans
+        share = float(result["progress"])
     else:
         share = max(step / max_steps if max_steps else 0.0, examples / cap if cap else 0.0)
     return Row(trial_label(spec) if spec else str(trial), status, step, float(result.get("dev_score", math.nan)),
                examples, int(result.get("scorer_calls", 0) or 0), float(result.get("wall_s", 0.0) or 0.0),
-               min(share, 1.0))
+               min(share, 1.0), tested)
 
 
 def counts(rows: list[Row]) -> dict[str, int]:
+    """Trials by status. ``stopped``: ended by the scheduler (ASHA, PBT) or by Ctrl+C before
+    their test score (Tune calls both terminated); shown only when there are some."""
     running = sum(r.status in ("RUNNING", "PAUSED") for r in rows)
-    done = sum(r.status == "TERMINATED" for r in rows)
+    done = sum(r.status == "TERMINATED" and r.tested for r in rows)
+    stopped = sum(r.status == "TERMINATED" and not r.tested for r in rows)
     failed = sum(r.status == "ERROR" for r in rows)
-    return {"running": running, "pending": len(rows) - running - done - failed, "done": done, "failed": failed}
+    out = {"running": running, "pending": len(rows) - running - done - stopped - failed, "done": done,
+           "failed": failed}
+    return out | ({"stopped": stopped} if stopped else {})
 
 
 def eta_s(rows: list[Row], elapsed_s: float, share_at_start: float) -> float | None:
@@ -92,7 +104,8 @@ def duration(seconds: float | None) -> str:
 def headline(rows: list[Row], elapsed_s: float, eta: float | None) -> str:
     c = counts(rows)
     share = sum(r.share for r in rows) / len(rows) if rows else 0.0
-    return (f"{c['running']} running, {c['pending']} pending, {c['done']} done, {c['failed']} failed"
+    stopped = f", {c['stopped']} stopped" if "stopped" in c else ""
+    return (f"{c['running']} running, {c['pending']} pending, {c['done']} done, {c['failed']} failed{stopped}"
             f" | {share:.0%} of the sweep | elapsed {duration(elapsed_s)}, ETA {duration(eta)}")
 
 
@@ -115,10 +128,12 @@ def plain_lines(rows: list[Row], elapsed_s: float, eta: float | None, cap: int |
 
 
 def table(rows: list[Row], elapsed_s: float, eta: float | None, cap: int | None, max_steps: int):
-    """The view as a ``rich`` table: running trials, then failed ones."""
+    """The view as ``rich`` renderables: the headline over a table of running trials, then failed ones."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=f"promptsweep: {headline(rows, elapsed_s, eta)}", title_justify="left", expand=False)
+    t = Table(expand=False)
     for name, justify in (("trial", "left"), ("status", "left"), ("step", "right"), ("dev", "right"),
                           ("scorer examples", "right"), ("calls", "right"), ("time", "right")):
         t.add_column(name, justify=justify, no_wrap=name != "trial")
@@ -127,7 +142,7 @@ def table(rows: list[Row], elapsed_s: float, eta: float | None, cap: int | None,
         style = "red" if r.status == "ERROR" else None
         t.add_row(r.label, r.status.lower(), step_text(r, max_steps), "" if math.isnan(r.dev) else f"{r.dev:.3f}",
                   budget_text(r, cap), str(r.calls), duration(r.wall_s), style=style)
-    return t
+    return Group(Text(f"promptsweep: {headline(rows, elapsed_s, eta)}", style="bold"), t)
 
 
 class SweepProgress(Callback):
@@ -146,7 +161,8 @@ class SweepProgress(Callback):
         self.cap, self.max_steps, self.mode, self.interval_s = cap, int(max_steps), mode, float(interval_s)
         self._reset()
 
-    def _reset(self) -> None:
+    def _reset(self, total: int = 0) -> None:
+        self._total = total  # Tune creates trials as it starts them: the rest are not in its list yet
         self._start = time.monotonic()
         self._share_at_start: float | None = None
         self._live = None
@@ -162,8 +178,8 @@ class SweepProgress(Callback):
         self.__dict__.update(state)
         self._reset()
 
-    def setup(self, **info) -> None:
-        self._reset()
+    def setup(self, total_num_samples: int | None = None, **info) -> None:
+        self._reset(int(total_num_samples or 0))
         if self._resolved_mode() == "live":
             from rich.console import Console
             from rich.live import Live
@@ -200,6 +216,7 @@ class SweepProgress(Callback):
             return
         now = time.monotonic()
         rows = [row(t, self.cap, self.max_steps) for t in trials]
+        rows += [NOT_CREATED] * max(0, self._total - len(rows))
         if self._share_at_start is None and rows:  # a resumed sweep starts part-way
             self._share_at_start = sum(r.share for r in rows) / len(rows)
         elapsed = now - self._start

@@ -82,9 +82,22 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     log = EvalLog(Path(ctx.run_dir) / "evaluations" / f"{trial_id}.jsonl")
     run = _restore(log, scorer, proposer) or _fresh(method, task, scorer, proposer, spec["seed"])
-    cap = Budget.parse(ctx.budget).scorer.examples
     live = LiveLog(run.get("live"), *start_run(ctx.logger, Path(ctx.run_dir), _wandb_config(ctx, spec)))
     live.catch_up()
+    try:
+        _search(ctx, spec, trial_id, task, method, run, scorer, proposer, log, live)
+        # Scoring the best prompt on test is the report, not the search: outside the budget.
+        result = _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
+    except Exception:
+        live.finish({}, failed=True)  # the run shows as failed in W&B; Tune records the error
+        raise
+    live.finish({k: v for k, v in result.items() if k.startswith(("test_score", "dev_score", "steps"))})
+
+
+def _search(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, run: dict,
+            scorer: RoleLM, proposer: RoleLM, log: EvalLog, live: LiveLog) -> None:
+    """Step until the method is done, the step cap is reached or the budget refuses a call."""
+    cap = Budget.parse(ctx.budget).scorer.examples
     while run["step"] < ctx.max_steps and not method.done(run["state"]):
         start = time.perf_counter()
         try:
@@ -94,18 +107,24 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             # the log and the checkpoint are those of the last finished step.
             run["elapsed"] += time.perf_counter() - start
             print(f"[{trial_label(spec)}] stopped after step {run['step']}: {err}", flush=True)
-            break
+            return
         run["step"] += 1
         run["elapsed"] += time.perf_counter() - start
         run["dev_score"] = float(report.metrics.get("dev_score", float("nan")))
         log.append(_records(spec, trial_id, run, report, scorer, proposer))
         metrics = {**report.metrics, **_usage(run, scorer, proposer)}
+        metrics["progress"] = _share_done(run["step"], metrics["scorer_examples"], cap, ctx.max_steps, method)
         _progress(spec, run, metrics, cap)
         _watch(live, method, run, metrics, report, scorer)
         _report_with_checkpoint(metrics, run, scorer, proposer)
-    # Scoring the best prompt on test is the report, not the search: outside the budget.
-    result = _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
-    live.finish({k: v for k, v in result.items() if k.startswith(("test_score", "dev_score", "steps"))})
+
+
+def _share_done(step: int, examples: float, cap: int | None, max_steps: int, method) -> float:
+    """How far the trial's search is, in [0, 1]: the furthest of its budget, its step cap and
+    the steps the method plans (for the progress view's time estimate)."""
+    planned = method.planned_steps() if hasattr(method, "planned_steps") else 0
+    shares = [step / max_steps if max_steps else 0.0, examples / cap if cap else 0.0, step / planned if planned else 0.0]
+    return min(1.0, max(shares))
 
 
 def _watch(live: LiveLog, method, run: dict, metrics: dict, report, scorer: RoleLM) -> None:

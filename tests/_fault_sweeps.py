@@ -34,8 +34,9 @@ method:
   max_new_tokens: 12
 """
 METHODS = "search.methods=[manual,slow_ape]"
-TINY = ["model@lm.scorer=tiny", "model@lm.proposer=tiny", "task.n_train=20", "task.n_dev=16", "task.n_test=24",
-        "logger=none", "++cache.enabled=false"]
+BASE = ["model@lm.scorer=tiny", "model@lm.proposer=tiny", "task.n_train=20", "task.n_dev=16", "task.n_test=24",
+        "++cache.enabled=false"]
+TINY = [*BASE, "logger=none"]
 
 
 def extra_conf(root: Path) -> Path:
@@ -45,8 +46,9 @@ def extra_conf(root: Path) -> Path:
     return root
 
 
-def sweep_args(run_dir: Path, conf: Path, data_dir: Path, step_sleep_s: float = 0.0, seeds: str = "[0,1]") -> list[str]:
-    return [*TINY, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", f"hydra.searchpath=[file://{conf}]",
+def sweep_args(run_dir: Path, conf: Path, data_dir: Path, step_sleep_s: float = 0.0, seeds: str = "[0,1]",
+               logger: str = "none") -> list[str]:
+    return [*BASE, f"logger={logger}", f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", f"hydra.searchpath=[file://{conf}]",
             METHODS, f"search.seeds={seeds}", f"+search.method_overrides.slow_ape.step_sleep_s={step_sleep_s}"]
 
 

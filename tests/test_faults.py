@@ -79,7 +79,8 @@ def test_lm_actor_killed_mid_request_is_restarted_and_its_requests_retried(tmp_p
 @pytest.mark.slow
 def test_sigint_then_resume_finishes_in_place_with_nothing_lost_or_repeated(tmp_path, conf, data_dir, reference):
     run_dir = tmp_path / "run"
-    proc = start_cli(sweep_args(run_dir, conf, data_dir, step_sleep_s=1.5), tmp_path / "first.log")
+    # With the live W&B runs on: each trial's run must continue across the resume.
+    proc = start_cli(sweep_args(run_dir, conf, data_dir, step_sleep_s=1.5, logger="wandb"), tmp_path / "first.log")
     try:
         wait_for(lambda: finished_trials(run_dir) >= 2 and len(steps_logged(run_dir)) == 2
                  and min(steps_logged(run_dir).values()) >= 2, 240, "manual done and both APE trials at step 2", proc)
@@ -94,6 +95,8 @@ def test_sigint_then_resume_finishes_in_place_with_nothing_lost_or_repeated(tmp_
     assert not (run_dir / "summary.json").exists(), "an interrupted sweep must not write a summary"
     kept = {p.name: p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*.json")}
     assert len(kept) == 2
+    before = _wandb_steps(run_dir)
+    assert len(before) == 4 and all(sessions[0] for sessions in before.values()), f"a trial's steps before Ctrl+C are not on disk: {before}"
 
     hydra_dir = tmp_path / "hydra_resume"
     resumed = run_cli([f"resume={run_dir}", f"hydra.run.dir={hydra_dir}"])
@@ -106,11 +109,38 @@ def test_sigint_then_resume_finishes_in_place_with_nothing_lost_or_repeated(tmp_
     _assert_all_ok(run_dir)
     assert not hydra_dir.exists(), "resume left an empty Hydra output directory behind"
     lost, dup = lost_and_duplicated(reference, run_dir)
+    after = _wandb_steps(run_dir)
+    rows = {r["trial"]: r for r in summary_rows(run_dir)}
+    for trial, sessions in after.items():
+        steps = [s for session in sessions for s in session]
+        assert steps == list(range(1, rows[trial]["steps"] + 1)), f"{trial}: W&B steps {sessions}"  # none twice, no gap
+        assert sessions[: len(before[trial])] == before[trial]  # the same run, continued
+    resumed_runs = {t: len(s) for t, s in after.items() if len(s) > 1}
+    print(f"\nFAULT sigint W&B: per-trial runs before Ctrl+C {_spans(before)}; after resume {_spans(after)}; "
+          f"{len(resumed_runs)} run(s) continued across the resume, no step logged twice")
+    assert len(resumed_runs) == 2
     print(f"\nFAULT sigint: SIGINT to the driver with manual done and both APE trials past step 2; exit 130; "
           f"resume=<run_dir> continued them from steps {[s for s, _ in restarts]} (dropping "
           f"{sum(d for _, d in restarts)} records logged after their checkpoints); 4/4 trials ok; "
           f"lost={lost} duplicated={dup}")
     assert (lost, dup) == (0, 0) and _no_duplicate_keys(run_dir) == 0
+
+
+def _wandb_steps(run_dir) -> dict[str, list[list[int]]]:
+    """Each trial's W&B run (by trial id): the steps each of its sessions logged, oldest first."""
+    from pipelines.live import history, records, run_dirs
+
+    out: dict[str, list[list[int]]] = {}
+    for folder in run_dirs(run_dir / "wandb"):
+        run_id = folder.name.rsplit("-", 1)[-1]
+        if "_" in run_id:  # a Tune trial id; the comparison run has W&B's own id
+            out.setdefault(run_id, []).append([h["_step"] for h in history(records(folder))])
+    return out
+
+
+def _spans(runs: dict) -> str:
+    return "; ".join(f"{t}: " + " + ".join(f"{s[0]}..{s[-1]}" if s else "none" for s in sessions)
+                     for t, sessions in sorted(runs.items()))
 
 
 def test_trial_that_raises_is_reported_failed_and_the_others_finish(tmp_path, data_dir):

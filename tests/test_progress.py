@@ -35,6 +35,19 @@ def test_each_trials_share_done_is_its_budget_or_its_steps_whichever_is_further(
     assert rows[1].label == "ape seed=0" and rows[3].dev != rows[3].dev  # nothing reported yet: NaN
 
 
+def test_a_trial_ended_before_its_test_score_counts_as_stopped_not_done():
+    # Ctrl+C and the ASHA/PBT schedulers end trials that Tune then calls terminated
+    rows = [row(t, 1000, 10) for t in [trial("TERMINATED", step=3, scorer_examples=50), *sweep()[:2]]]
+    assert counts(rows) == {"running": 1, "pending": 0, "done": 1, "failed": 0, "stopped": 1}
+    assert "1 done, 0 failed, 1 stopped |" in plain_lines(rows, 1.0, None, 1000, 10)[0]
+
+
+def test_a_trials_own_progress_report_is_used_when_it_has_one():
+    # e.g. APE with 1 round of 2 planned: half done, though far from its step cap and unbounded
+    assert row(trial("RUNNING", step=1, scorer_examples=448, progress=0.5), None, 20).share == 0.5
+    assert row(trial("RUNNING", step=1, scorer_examples=448), None, 20).share == 0.05
+
+
 def test_sampled_hyperparameters_name_the_trial():
     t = trial("RUNNING", "ape")
     t.config["sample"] = {"ape": {"n_prompts": 8}}
@@ -108,6 +121,14 @@ def test_off_a_terminal_plain_lines_are_printed_when_counts_change_and_on_an_int
     assert sum(ln.startswith("[sweep]   ") for ln in lines) == 2 + 3
 
 
+def test_trials_tune_has_not_created_yet_count_as_pending(capsys):
+    view = SweepProgress(cap=1000, max_steps=10, mode="plain")
+    view.setup(total_num_samples=8)  # Tune creates trials lazily when few may run at once
+    view.on_step_end(0, sweep())
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith("[sweep] 2 running, 4 pending, 1 done, 1 failed | 39% of the sweep")
+
+
 def test_the_view_pickles_to_its_settings_for_tune_restore():
     view = SweepProgress(cap=5, max_steps=3, mode="plain", interval_s=7)
     view.setup()
@@ -120,3 +141,16 @@ def test_the_view_pickles_to_its_settings_for_tune_restore():
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="progress.mode must be one of auto, live, plain, off"):
         SweepProgress(cap=None, max_steps=1, mode="fancy")
+
+
+def test_a_trial_reports_the_furthest_of_budget_step_cap_and_planned_steps():
+    from methods.ape import APE
+    from methods.manual import Manual
+    from methods.opro import OPRO
+    from pipelines.trial import _share_done
+
+    assert _share_done(1, 100, None, 20, Manual()) == 1.0  # one planned step
+    assert _share_done(1, 448, None, 20, APE(rounds=1)) == 0.5
+    assert _share_done(2, 600, 1000, 20, OPRO()) == 0.6  # open-ended: the budget
+    assert _share_done(5, 100, 1000, 10, OPRO()) == 0.5  # the step cap
+    assert _share_done(30, 2000, 1000, 10, OPRO()) == 1.0
