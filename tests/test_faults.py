@@ -139,7 +139,7 @@ def _wandb_steps(run_dir) -> dict[str, list[list[int]]]:
 
 
 def _spans(runs: dict) -> str:
-    return "; ".join(f"{t}: " + " + ".join(f"{s[0]}..{s[-1]}" if s else "none" for s in sessions)
+    return "; ".join(f"{t}: " + " + ".join(f"{s[0]}..{s[-1]}" if len(s) > 1 else (str(s[0]) if s else "none") for s in sessions)
                      for t, sessions in sorted(runs.items()))
 
 
