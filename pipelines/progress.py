@@ -85,7 +85,7 @@ def eta_s(rows: list[Row], elapsed_s: float, share_at_start: float) -> float | N
         return None
     share = sum(r.share for r in rows) / len(rows)
     gained = share - share_at_start
-    if share >= 1.0:
+    if share >= 1.0 - 1e-9:
         return 0.0
     if gained <= 1e-9 or elapsed_s <= 0:
         return None
@@ -105,8 +105,11 @@ def headline(rows: list[Row], elapsed_s: float, eta: float | None) -> str:
     c = counts(rows)
     share = sum(r.share for r in rows) / len(rows) if rows else 0.0
     stopped = f", {c['stopped']} stopped" if "stopped" in c else ""
+    # Searches over but trials still running: they are scoring their final prompts on test,
+    # which the estimate does not cover; say so rather than "0s".
+    left = "test scoring left" if eta == 0.0 and c["running"] else f"ETA {duration(eta)}"
     return (f"{c['running']} running, {c['pending']} pending, {c['done']} done, {c['failed']} failed{stopped}"
-            f" | {share:.0%} of the sweep | elapsed {duration(elapsed_s)}, ETA {duration(eta)}")
+            f" | {share:.0%} of the sweep | elapsed {duration(elapsed_s)}, {left}")
 
 
 def budget_text(r: Row, cap: int | None) -> str:
@@ -227,6 +230,8 @@ class SweepProgress(Callback):
                 self._drawn_at = now
             return
         c = counts(rows)
+        if final and c == self._printed_counts:
+            return  # the last lines printed already say it
         if final or now - self._printed_at >= self.interval_s:
             print(*plain_lines(rows, elapsed, eta, self.cap, self.max_steps), sep="\n", flush=True)
             self._printed_at, self._printed_counts = now, c

@@ -73,6 +73,14 @@ def test_plain_lines_show_counts_eta_and_each_running_trials_budget():
     assert len(lines) == 3  # running trials only
 
 
+def test_running_trials_past_their_search_say_test_scoring_is_left():
+    rows = [row(trial("RUNNING", step=1, progress=1.0), None, 20), row(trial("TERMINATED", test_score=0.5), None, 20)]
+    eta = eta_s(rows, 60.0, 0.0)
+    assert eta == 0.0 and plain_lines(rows, 60.0, eta, None, 20)[0].endswith("elapsed 1m00s, test scoring left")
+    done = [row(trial("TERMINATED", test_score=0.5), None, 20)]
+    assert plain_lines(done, 60.0, eta_s(done, 60.0, 0.0), None, 20)[0].endswith("ETA 0s")
+
+
 def test_the_live_table_lists_running_then_failed_trials():
     from rich.console import Console
 
