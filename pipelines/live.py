@@ -16,7 +16,7 @@ first reads the steps its run already holds back from the run's files (``wandb l
 inspect``, W&B's own reader) and skips them; checkpointed steps whose log was lost with the
 old process are logged when the trial resumes. Offline by default; ``wandb sync RUN_DIR/wandb`` uploads later.
 
-``python -m pipelines.live RUN_DIR [trial=NAME] [table=NAME]`` reads a run directory's W&B
+``python -m pipelines.live RUN_DIR [trial=NAME] [table=NAME] [width=80]`` reads a run directory's W&B
 runs back from disk: each run's steps per session, and a table as last logged.
 """
 
@@ -254,7 +254,7 @@ def last_table(run_folder: Path, recs: list[dict], key: str) -> dict | None:
     return None
 
 
-def show(run_dir: Path, trial: str = "", table: str = "") -> str:
+def show(run_dir: Path, trial: str = "", table: str = "", width: int = 80) -> str:
     """What ``python -m pipelines.live`` prints: per W&B run its sessions and steps, and ``table``."""
     wandb_dir = run_dir / "wandb"
     by_id: dict[str, list[Path]] = {}
@@ -274,12 +274,29 @@ def show(run_dir: Path, trial: str = "", table: str = "") -> str:
         if table:
             got = last_table(folders[-1], recs[-1], table)
             if got:
-                import pandas as pd
-
-                frame = pd.DataFrame(got["data"], columns=got["columns"]).to_string(index=False, float_format="{:.3f}".format)
                 lines.append(f"  table {table} at step {got['step']}:")
-                lines += ["    " + ln for ln in frame.splitlines()]
+                lines += ["    " + ln for ln in _aligned(got["columns"], got["data"], width).splitlines()]
     return "\n".join(lines) if lines else f"no W&B runs in {wandb_dir}"
+
+
+def _aligned(columns: list[str], data: list[list], width: int = 80) -> str:
+    """A table as plain text (``rich``): numbers right-aligned, text left-aligned, cut at ``width``."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    numeric = [all(isinstance(r[i], (int, float)) for r in data) for i in range(len(columns))]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, num in zip(columns, numeric):
+        table.add_column(name, justify="right" if num else "left", no_wrap=True, overflow="ellipsis",
+                         max_width=None if num or not width else width)
+    for r in data:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r))
+    console = Console(file=io.StringIO(), width=400, color_system=None, legacy_windows=False)
+    console.print(table)
+    return "\n".join(ln.rstrip() for ln in console.file.getvalue().splitlines() if ln.strip())
 
 
 def _spans(sessions: list[list[int]]) -> str:
@@ -288,10 +305,11 @@ def _spans(sessions: list[list[int]]) -> str:
 
 def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv[1:] if "=" in a)
-    if not argv or not Path(argv[0]).is_dir():
-        print("usage: python -m pipelines.live RUN_DIR [trial=NAME] [table=NAME]", file=sys.stderr)
+    if not argv or not Path(argv[0]).is_dir() or not args.get("width", "0").isdigit():
+        print("usage: python -m pipelines.live RUN_DIR [trial=NAME] [table=NAME] [width=CHARS, 0: no cut]",
+              file=sys.stderr)
         return 2
-    print(show(Path(argv[0]), args.get("trial", ""), args.get("table", "")))
+    print(show(Path(argv[0]), args.get("trial", ""), args.get("table", ""), int(args.get("width", 80))))
     return 0
 
 

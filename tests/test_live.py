@@ -159,7 +159,7 @@ def test_a_killed_trials_steps_survive_and_its_resumed_run_continues_them(tmp_pa
     assert "2 session(s), steps 1..3 + 4" in out and "LOGGED TWICE" not in out and "p4" in out
 
 
-@pytest.mark.parametrize("bad", [["x"], []])
+@pytest.mark.parametrize("bad", [["x"], [], [".", "width=wide"]])
 def test_the_reader_needs_a_run_directory(bad, capsys):
     from pipelines.live import main
 
