@@ -6,9 +6,18 @@ The instruction is split into phrases; an edit deletes a phrase, swaps two, para
 only if it beats the current instruction; ``patience`` steps without improvement end the
 search. With ``paraphrase=False`` no proposer call is ever made.
 
-Simplified from the paper: phrases come from a punctuation/conjunction splitter plus a word
-window instead of a constituency parser, the paraphraser is the proposer LM instead of
-PEGASUS, and candidates are scored with the task metric (no entropy term).
+Candidates are ranked, as in the reference code (``score()`` in archiki/GrIPS
+``run_search.py``), by ``100 * balanced accuracy + 10 * entropy of the predicted-label
+distribution`` on 100 examples (``objective="paper"``): the entropy term keeps the search from
+an instruction that predicts one label for everything, which plain accuracy rewards on
+unbalanced data. The reported ``dev_score`` is the task metric of the current instruction,
+so GRIPS stays comparable with every other method. ``objective="metric"`` ranks by the task
+metric instead; a generative task (no label set) always does.
+
+Still simplified from the paper: phrases come from a punctuation/conjunction splitter plus a
+word window instead of a constituency parser; the paraphraser is the proposer LM instead of
+PEGASUS; the score set is the fixed dev subset, not a sample of train; no simulated annealing
+(the reference's optional ``--simulated-anneal``).
 """
 
 from __future__ import annotations
@@ -22,16 +31,39 @@ import numpy as np
 
 from methods.ape import RESAMPLE_TEMPLATE
 from methods.base import Evaluated, Report
-from methods.evaluate import score_prompts
+from methods.evaluate import predict_many
 from methods.lm import LM, Needs, PROPOSER_WRITES, TextPrompt
 from methods.racing import fixed_dev
 from tasks.core import Task
+from tasks.generative import is_generative
 
 _CLAUSE_END = re.compile(r"(?<=[,;:.!?])\s+")
 _CONJUNCTION = re.compile(r"\s+(?=\b(?:and|but|or|then|so|because|which|while|if)\b)", re.IGNORECASE)
 _QUOTES = "\"'`“”‘’"
 
 Phrases = tuple[str, ...]
+
+
+OBJECTIVES = ("paper", "metric")
+
+
+def balanced_accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Mean recall over the classes present in ``labels`` (scikit-learn's ``balanced_accuracy_score``)."""
+    p, y = np.asarray(predictions), np.asarray(labels)
+    return float(np.mean([np.mean(p[y == c] == c) for c in np.unique(y)])) if len(y) else 0.0
+
+
+def label_entropy(predictions: Sequence[int], n_labels: int) -> float:
+    """Entropy (nats) of the predicted-label frequencies over all ``n_labels`` labels."""
+    from scipy.stats import entropy
+
+    counts = np.bincount(np.asarray(predictions, dtype=int), minlength=n_labels)
+    return float(entropy(counts)) if counts.sum() else 0.0
+
+
+def paper_objective(predictions: Sequence[int], labels: Sequence[int], n_labels: int) -> float:
+    """GRIPS's search score: ``100 * balanced accuracy + 10 * entropy`` of the predicted labels."""
+    return 100.0 * balanced_accuracy(predictions, labels) + 10.0 * label_entropy(predictions, n_labels)
 
 
 def split_phrases(text: str, max_words: int = 5) -> Phrases:
@@ -93,7 +125,8 @@ class GRIPSState:
     """Current phrases and score, deleted-phrase pool, every text scored, counters."""
 
     phrases: Phrases = ()
-    score: float | None = None
+    score: float | None = None  # the search objective of the current phrases
+    metric: float | None = None  # their task metric on the same examples (the reported dev_score)
     deleted: tuple[str, ...] = ()
     seen: tuple[str, ...] = ()
     step: int = 0
@@ -122,7 +155,8 @@ class GRIPS:
         patience: steps without improvement before the search stops (the paper's P).
         paraphrase: allow the paraphrase edit (the only one that calls the proposer).
         max_phrase_words: longest phrase the splitter keeps whole.
-        n_eval: dev examples each candidate is scored on (0 = whole dev split).
+        n_eval: dev examples each candidate is scored on (0 = whole dev split; the paper's 100).
+        objective: ``paper`` (100 * balanced accuracy + 10 * label entropy) or ``metric``.
         temperature: proposer temperature for paraphrases.
         max_new_tokens: paraphrase length cap.
     """
@@ -132,9 +166,14 @@ class GRIPS:
     patience: int = 2
     paraphrase: bool = True
     max_phrase_words: int = 5
-    n_eval: int = 32
+    n_eval: int = 100
+    objective: str = "paper"
     temperature: float = 0.9
     max_new_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
 
     def needs(self) -> Needs:
         return PROPOSER_WRITES if self.paraphrase else Needs()  # only paraphrases call the proposer
@@ -151,16 +190,25 @@ class GRIPS:
         base = [] if state.score is not None else [join(state.phrases)]
         texts = base + [join(e.phrases) for e in edits]
         dev = fixed_dev(task, self.n_eval)
-        scores = score_prompts(task, [TextPrompt(t) for t in texts], dev, scorer)
-        current = state.score if state.score is not None else scores[0]
-        new = self._accept(state, edits, scores[len(base) :], current)
+        preds = predict_many(task, [TextPrompt(t) for t in texts], dev, scorer)
+        metrics = [task.score(p, dev) for p in preds]
+        scores = [self._objective(task, p, dev) for p in preds]
+        current = (state.score, state.metric) if state.score is not None else (scores[0], metrics[0])
+        new = self._accept(state, edits, scores[len(base) :], metrics[len(base) :], current)
         new = replace(
             new, step=state.step + 1, seen=state.seen + tuple(texts),
             proposed=state.proposed + len(drafts), usable=state.usable + len(edits),
         )
         kinds = ["seed"] * len(base) + ["edit"] * len(edits)
-        evaluated = tuple(Evaluated(t, s, len(dev), k) for t, s, k in zip(texts, scores, kinds))
+        # Logged with the task metric, like every method's candidates; the objective is in the metrics.
+        evaluated = tuple(Evaluated(t, m, len(dev), k) for t, m, k in zip(texts, metrics, kinds))
         return new, Report(self._metrics(new, scores[len(base) :]), evaluated)
+
+    def _objective(self, task: Task, preds, dev) -> float:
+        if self.objective == "metric" or is_generative(task):
+            return task.score(preds, dev)
+        n_labels = max(len(task.choices(ex)) for ex in dev)  # per-example options (MMLU cloze) or the verbalizer
+        return paper_objective(preds, [ex.label for ex in dev], n_labels)
 
     def _ops(self, phrases: Phrases, deleted: Sequence[str]) -> list[str]:
         ops = ["del", "swap"] if len(phrases) >= 2 else []
@@ -220,21 +268,23 @@ class GRIPS:
         return out
 
     def _accept(
-        self, state: GRIPSState, edits: list[_Edit], scores: list[float], current: float
+        self, state: GRIPSState, edits: list[_Edit], scores: list[float], metrics: list[float],
+        current: tuple[float, float],
     ) -> GRIPSState:
-        """Move to the best candidate only if it strictly beats the current instruction."""
-        if edits and max(scores) > current:
+        """Move to the best candidate only if its objective strictly beats the current instruction's."""
+        if edits and max(scores) > current[0]:
             i = int(np.argmax(scores))
             return replace(
-                state, phrases=edits[i].phrases, score=scores[i], patience_left=self.patience,
+                state, phrases=edits[i].phrases, score=scores[i], metric=metrics[i], patience_left=self.patience,
                 deleted=state.deleted + tuple(p for p in edits[i].deleted if p not in state.deleted),
                 accepted=state.accepted + 1,
             )
-        return replace(state, score=current, patience_left=state.patience_left - 1)
+        return replace(state, score=current[0], metric=current[1], patience_left=state.patience_left - 1)
 
     def _metrics(self, state: GRIPSState, scores: list[float]) -> dict[str, float]:
         return {
-            "dev_score": float(state.score),
+            "dev_score": float(state.metric if state.metric is not None else state.score),  # older checkpoints
+            "objective": float(state.score),
             "step_best": max(scores, default=float("nan")),
             "proposed": float(state.proposed),
             "usable": float(state.usable),

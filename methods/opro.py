@@ -2,10 +2,19 @@
 
 Each step shows the proposer a meta-prompt with the top ``k`` instructions found so far and
 their scores (0-100), sorted *ascending* so the best sit right before the cue, followed by a
-few task exemplars with the instruction's position marked ``<INS>``. The proposer writes
-``n_proposals`` new instructions (one batched generate call, each context with its own
-exemplar draw); duplicates of anything already scored are dropped and the rest are scored in
-one batched scorer call. The first step only scores the seed instruction.
+few task exemplars with the instruction's position marked ``<INS>``. As in the reference code
+(google-deepmind/opro, ``opt_utils.run_evolution``), one meta-prompt is built per step, its
+exemplars drawn at random once, and the proposer samples ``n_proposals`` instructions from it
+(one generate call with ``n`` samples); ``shared_meta_prompt=False`` gives each proposal its
+own exemplar draw instead. Duplicates of anything already scored are dropped and the rest are
+scored in one batched scorer call. The first step only scores the seed instruction.
+
+Departures from the paper: the default sizes are CPU-sized (4 proposals and 10 past
+instructions per step; ``opro_paper.yaml`` has the paper's 8 and 20); the cue asks for the
+text after ``text:`` rather than in square brackets (a small model continues the history's
+pattern far more reliably); scores are shown as 0-100 integers, as the reference's 100
+buckets; no ``old_instruction_score_threshold`` filter (the reference's default for most tasks
+is 0.0, which keeps everything).
 """
 
 from __future__ import annotations
@@ -81,6 +90,8 @@ class OPRO:
         n_eval: dev examples each instruction is scored on (0 = whole dev split).
         temperature: proposer temperature (the paper samples at 1.0 for diversity).
         max_new_tokens: proposal length cap.
+        shared_meta_prompt: one meta-prompt (one exemplar draw) per step, sampled
+            ``n_proposals`` times, as the paper does; false: one per proposal.
     """
 
     n_proposals: int = 4
@@ -89,6 +100,7 @@ class OPRO:
     n_eval: int = 32
     temperature: float = 1.0
     max_new_tokens: int = 40
+    shared_meta_prompt: bool = True
 
     def needs(self) -> Needs:
         return PROPOSER_WRITES
@@ -113,13 +125,14 @@ class OPRO:
         return new, Report(self._metrics(new, scores), evaluated)
 
     def _propose(self, state: OPROState, task: Task, proposer: LM, rng: np.random.Generator):
-        draws = [subsample(task.train, self.n_exemplars, rng) for _ in range(self.n_proposals)]
+        shared = self.shared_meta_prompt
+        draws = [subsample(task.train, self.n_exemplars, rng) for _ in range(1 if shared else self.n_proposals)]
         contexts = [meta_prompt(task, state.scored, d, self.top_k) for d in draws]
         outs = proposer.generate(
             contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            seed=int(rng.integers(2**31)), stop=("\nscore", "\n\n"),
+            n=self.n_proposals if shared else 1, seed=int(rng.integers(2**31)), stop=("\nscore", "\n\n"),
         )
-        return [o[0] for o in outs], input_texts([ex for d in draws for ex in d])
+        return [text for o in outs for text in o], input_texts([ex for d in draws for ex in d])
 
     def _metrics(self, state: OPROState, scores: Sequence[float]) -> dict[str, float]:
         top = sorted(s for _, s in state.scored)[-self.top_k :]

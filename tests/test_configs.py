@@ -88,3 +88,14 @@ def test_comparisons_give_every_method_the_same_example_budget_and_both_baseline
     budget = Budget.parse(dict(cfg.budget))
     assert budget.scorer.examples and budget.scorer.examples > 0
     assert {"manual", "empty"} <= set(cfg.search.methods)
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (CONF / "method").glob("*_paper.yaml")))
+def test_every_paper_preset_says_where_each_setting_comes_from(method):
+    lines = [ln for ln in (CONF / "method" / f"{method}.yaml").read_text().splitlines()
+             if ln and not ln.startswith("#") and not ln.startswith("_target_")]
+    assert lines, method
+    uncited = [ln for ln in lines if "#" not in ln or len(ln.split("#", 1)[1].strip()) < 10]
+    assert not uncited, f"{method}: settings without a source: {uncited}"
+    base = method.removesuffix("_paper")
+    assert (CONF / "method" / f"{base}.yaml").is_file(), f"{method} presets a method with no {base}.yaml"

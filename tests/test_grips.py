@@ -73,11 +73,11 @@ def test_without_paraphrase_no_proposer_call_no_worse_acceptance_and_patience_st
     method = GRIPS(num_candidates=4, patience=2, paraphrase=False, n_eval=0)
     state, reports = run(method, task, lm, steps=50)
     assert method.done(state) and len(reports) < 50
-    curve = [r.metrics["dev_score"] for r in reports]
+    curve = [r.metrics["objective"] for r in reports]  # what the search climbs
     assert curve == sorted(curve)
     assert quality(method.best(state).text) == quality(task.instruction)  # deleting a good word never wins
     # the last `patience` steps found nothing strictly better
-    assert all(r.metrics["step_best"] <= r.metrics["dev_score"] for r in reports[-2:])
+    assert all(r.metrics["step_best"] <= r.metrics["objective"] for r in reports[-2:])
     assert state.accepted == sum(b > a for a, b in zip(curve, curve[1:]))
 
 
@@ -102,3 +102,49 @@ def test_grips_yaml_instantiates():
     cfg = OmegaConf.load(ROOT / "conf/method/grips.yaml")
     method = hydra.utils.instantiate(cfg, _convert_="all")
     assert isinstance(method, GRIPS) and method.num_candidates >= 1
+
+
+def test_the_paper_objective_prefers_a_balanced_instruction_to_one_that_predicts_one_label():
+    """Fails on the old behaviour (candidates ranked by plain accuracy): on 70% positive data an
+    instruction that answers "positive" to everything has accuracy 0.70, one that is right on
+    65% of each class 0.65, yet the paper's score ranks the second first."""
+    from methods.grips import balanced_accuracy, label_entropy, paper_objective
+
+    labels = [1] * 70 + [0] * 30
+    collapsed = [1] * 100
+    balanced = [1] * 46 + [0] * 24 + [0] * 20 + [1] * 10  # 46/70 and 20/30 right: 0.66 accuracy
+    assert np.mean(np.equal(collapsed, labels)) > np.mean(np.equal(balanced, labels))
+    assert balanced_accuracy(collapsed, labels) == 0.5 and label_entropy(collapsed, 2) == 0.0
+    assert balanced_accuracy(balanced, labels) == (46 / 70 + 20 / 30) / 2
+    assert label_entropy([0, 1], 2) == np.log(2)
+    assert paper_objective(balanced, labels, 2) > paper_objective(collapsed, labels, 2)
+    assert paper_objective(balanced, labels, 2) == 100 * (46 / 70 + 20 / 30) / 2 + 10 * label_entropy(balanced, 2)
+
+
+class LabelMinded(PlantedLM):
+    """Under an instruction holding "carefully", each example's own label except for a fixed third
+    of the "yes" examples; under any other, "yes" for everything (collapse to one label)."""
+
+    def loglikelihood(self, requests):
+        out = []
+        for r in requests:
+            instruction, sentence = r.context.split("\n")[0], r.context.split("\n")[1]
+            number, gold = int(sentence.split()[2]), sentence.endswith("yes")
+            says_yes = (gold and number % 3 != 0) if "carefully" in instruction else True
+            out.append(0.0 if (r.continuation == " yes") == says_yes else -5.0)
+        return np.asarray(out, dtype=np.float64)
+
+
+def test_grips_with_the_paper_objective_keeps_an_instruction_that_does_not_collapse():
+    """The same search on mostly-"yes" dev data: ranked by accuracy (the old behaviour) it
+    deletes its way to an instruction that answers "yes" to everything; ranked by the paper's
+    score it keeps the careful one, which is right on both classes more often."""
+    base = planted_task(n_dev=80)
+    dev = tuple([ex for ex in base.dev if ex.label == 1] + [ex for ex in base.dev if ex.label == 0][:8])
+    task = dataclasses.replace(base, instruction="Read it carefully, then answer", dev=dev)
+    chosen = {}
+    for objective in ("metric", "paper"):
+        method = GRIPS(num_candidates=6, patience=2, paraphrase=False, n_eval=0, objective=objective)
+        state, _ = run(method, task, LabelMinded(), steps=10)
+        chosen[objective] = method.best(state).text
+    assert "carefully" not in chosen["metric"] and "carefully" in chosen["paper"], chosen

@@ -61,7 +61,7 @@ class EchoLM(PlantedLM):
     def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
         self.calls += 1
         shown = [re.findall(r"text:\n(.*)\nscore", c) for c in contexts]
-        return [[s[-1] if i % 2 == 0 else "Decide the label carefully."] for i, s in enumerate(shown)]
+        return [[s[-1] if j % 2 == 0 else "Decide the label carefully." for j in range(n)] for s in shown]
 
 
 def test_opro_drops_duplicates_of_scored_and_of_each_other():
@@ -82,3 +82,27 @@ def test_opro_yaml_instantiates():
     cfg = OmegaConf.load(ROOT / "conf/method/opro.yaml")
     method = hydra.utils.instantiate(cfg, _convert_="all")
     assert isinstance(method, OPRO) and method.n_proposals >= 1
+
+
+class RecordingProposer(PlantedLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = []
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        self.asked.append((list(contexts), n))
+        k = len(self.asked)
+        return [[f"Decide the label, take {k}.{i}.{j}" for j in range(n)] for i in range(len(contexts))]
+
+
+def test_one_meta_prompt_per_step_is_sampled_for_every_proposal_as_the_paper_does():
+    """Fails on the old behaviour (one meta-prompt per proposal, each with its own exemplars)."""
+    task = planted_task()
+    lm = RecordingProposer()
+    state, _ = run(OPRO(n_proposals=5, n_exemplars=3), task, lm, steps=3)
+    assert [(len(contexts), n) for contexts, n in lm.asked] == [(1, 5), (1, 5)]  # step 1 scores the seed only
+    assert len(state.scored) == 1 + 5 + 5
+    lm = RecordingProposer()
+    run(OPRO(n_proposals=5, shared_meta_prompt=False), task, lm, steps=2)
+    (contexts, n), = lm.asked
+    assert len(contexts) == 5 and n == 1 and len(set(contexts)) > 1  # each its own exemplar draw
