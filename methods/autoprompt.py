@@ -5,16 +5,23 @@ accumulates the gradient of the correct label's negative log-likelihood with res
 the trigger embeddings, picks one trigger position, and ranks every vocabulary token ``v``
 by the first-order (HotFlip) estimate of the loss change, ``-grad[slot] . E[v]``. The top
 ``k`` candidates (each the current triggers with that one position replaced) and the
-current triggers are then scored on the same examples in one batched ``loglikelihood``
-call; the best candidate is kept only if it beats the current triggers.
+current triggers are then scored in one batched ``loglikelihood`` call on a fresh draw of
+train examples, as the reference does (ucinlp/autoprompt ``create_trigger.py`` re-iterates
+its shuffled train loader for the candidates); ``fresh_eval_batch=False`` scores them on the
+gradient's own examples. The best candidate is kept only if it beats the current triggers.
 
 Only ``prompt_grad``, ``loglikelihood``, ``token_embeddings``, ``tokenize`` and ``decode``
 are used, so any backend of the ``LM`` protocol (causal, or masked when the backend
 predicts the continuation at mask positions) can run it.
 
-Simplifications, stated: label-token search (the paper's automatic verbalizer) is not
-done, the task's verbalizer is used as is; the "accuracy" objective breaks ties by the
-label log-likelihood, because on a small batch many candidates tie on accuracy.
+Departures from the paper and its code, stated: label-token search (the paper's automatic
+verbalizer) is not done, the task's verbalizer is used as is; the default objective is the
+label NLL, where the reference ranks candidates by accuracy whenever a label map is given
+(``objective=accuracy``, as in ``autoprompt_paper.yaml``; it breaks ties by the label
+log-likelihood, because on a small batch many candidates tie on accuracy); dev is scored
+every ``eval_every`` steps, where the reference scores it after every accepted flip; the
+default sizes are CPU-sized (8 examples per gradient, one minibatch; the reference's SST-2
+run accumulates 30 batches of 24).
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ class AutoPrompt:
         max_checks: ranked tokens inspected per step to find ``n_candidates`` that pass.
         eval_every: steps between dev evaluations of the current triggers.
         n_eval: dev examples (a fixed subset) per evaluation; 0 means the whole dev split.
+        fresh_eval_batch: score the candidates on a fresh draw of train examples, not on the
+            examples that gave the gradient (whose loss the first-order estimate already favours).
     """
 
     n_triggers: int = 4
@@ -96,6 +105,7 @@ class AutoPrompt:
     max_checks: int = 400
     eval_every: int = 5
     n_eval: int = 64
+    fresh_eval_batch: bool = True
 
     def __post_init__(self) -> None:
         if self.objective not in ("nll", "accuracy"):
@@ -132,7 +142,8 @@ class AutoPrompt:
         allowed = self._allowed(task, scorer, (state.ids[slot],))
         cands = top_allowed(ranked, self.n_candidates, allowed, self.max_checks)
         trials = [state.ids] + [swap(state.ids, slot, c) for c in cands]
-        examples = [ex for b in batches for ex in b]
+        scored_on = self._batches(task, rng) if self.fresh_eval_batch else batches
+        examples = [ex for b in scored_on for ex in b]
         table = objective_table(task, [TokenPrompt(t) for t in trials], examples, scorer, self.objective)
         j = int(np.lexsort((table[:, 1], table[:, 0]))[0])
         j = j if tuple(table[j]) < tuple(table[0]) else 0

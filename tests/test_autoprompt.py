@@ -243,3 +243,25 @@ def test_autoprompt_yaml_instantiates_with_every_key_a_constructor_argument():
     assert path.read_text().startswith("# python -m pipelines.run method=autoprompt")
     method = hydra.utils.instantiate(OmegaConf.load(path), _convert_="all")
     assert isinstance(method, AutoPrompt) and method.init_token == " the"
+
+
+class GradRecorder(GradLM):
+    def prompt_grad(self, requests, prompt):
+        self.grad_contexts = {r[0] for r in requests}
+        return super().prompt_grad(requests, prompt)
+
+
+def test_candidates_are_scored_on_a_fresh_draw_not_on_the_gradients_examples():
+    """Fails on the old behaviour (candidates re-scored on the very examples that gave the
+    gradient, whose loss the first-order estimate already favours): the reference draws anew."""
+    task, lm = planted_task(n_train=200), GradRecorder()
+    rng = np.random.default_rng(0)
+    method = AutoPrompt(n_triggers=2, n_candidates=3, batch_size=8, eval_every=100)
+    state, _ = method.step(method.init(task, lm, lm, rng), task, lm, lm, rng)
+    method.step(state, task, lm, lm, rng)
+    scored = {r[0] for r in lm.last_requests}
+    assert len(scored) == 8 and scored != lm.grad_contexts
+    same = AutoPrompt(n_triggers=2, n_candidates=3, batch_size=8, eval_every=100, fresh_eval_batch=False)
+    state, _ = same.step(same.init(task, lm, lm, rng), task, lm, lm, rng)
+    same.step(state, task, lm, lm, rng)
+    assert {r[0] for r in lm.last_requests} == lm.grad_contexts
