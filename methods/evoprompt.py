@@ -5,9 +5,22 @@ meta-prompt asks the LM to cross them over and mutate the result; the next popul
 top ``pop_size`` of parents and children. ``variant="de"``: for every member, the LM is asked to
 find the parts where two other members differ, mutate those parts, splice them into the
 current best and cross the result over with the member; the child replaces the member only if
-it scores strictly better. The first step builds the population: the seed instruction plus
-paraphrases of it. All children of a step go to the proposer in one generate call and to the
-scorer in one scorer call.
+it scores strictly better. All children of a step go to the proposer in one generate call
+and to the scorer in one scorer call.
+
+The population starts as the reference code's ``--initial all --initial_mode para_topk``
+(beeevita/EvoPrompt ``evoluter.py``, used by its SST-2 and CR scripts): the hand-written
+instruction and APE-generated ones are scored, the top ``pop_size // 2`` are kept, and each
+is paraphrased once, the paraphrases filling the population (``initial="para_topk"``, two
+steps: the pool, then the paraphrases). ``initial="paraphrase"`` starts from the seed
+instruction and paraphrases of it in one step, for a cheap run.
+
+Departures: the reference reads its APE prompts from a file made offline
+(``prompts_auto.txt``) and several hand-written ones (``prompts.txt``); here the proposer
+writes ``init_pool`` prompts with APE's forward template at the first step, and the task has
+one hand-written instruction. When paraphrases are unusable the population is filled with
+the next-best pool prompts (the reference asserts the size instead). The default sizes are
+CPU-sized (population 4, temperature 0.7); ``evoprompt_paper.yaml`` has the paper's 10 and 0.5.
 """
 
 from __future__ import annotations
@@ -17,12 +30,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from methods.ape import RESAMPLE_TEMPLATE
+from methods.ape import FORWARD_TEMPLATE, RESAMPLE_TEMPLATE
 from methods.base import Evaluated, Report, Snapshot, ranked
-from methods.evaluate import score_prompts
+from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
-from methods.text import clean_candidates, clean_one
+from methods.text import clean_candidates, clean_one, demo_block, input_texts
 from tasks.core import Task
 
 # The one-shot demonstrations' prompts: a neutral text-simplification example, so no task's
@@ -111,9 +124,14 @@ def copies_demo(text: str, threshold: float = 0.6) -> bool:
 
 @dataclass(frozen=True)
 class EvoState:
-    """The population as (text, dev score) in member order, and counters."""
+    """The population as (text, dev score) in member order, and counters.
+
+    ``pool``: the scored starting candidates (seed and APE-generated) while the population is
+    being built (``initial="para_topk"``).
+    """
 
     population: tuple[tuple[str, float], ...] = ()
+    pool: tuple[tuple[str, float], ...] = ()
     step: int = 0
     proposed: int = 0
     usable: int = 0
@@ -130,6 +148,10 @@ class EvoPrompt:
         n_eval: dev examples each prompt is scored on (0 = whole dev split).
         temperature: proposer temperature.
         max_new_tokens: room for the operator's intermediate steps plus the final prompt.
+        initial: ``para_topk`` (the reference's: score the seed and APE-generated prompts, keep
+            the top half, paraphrase each) or ``paraphrase`` (the seed and its paraphrases).
+        init_pool: APE-generated prompts in the starting pool (``para_topk``).
+        n_demos: train demos shown per APE proposal.
     """
 
     variant: str = "ga"
@@ -137,10 +159,15 @@ class EvoPrompt:
     n_eval: int = 32
     temperature: float = 0.7
     max_new_tokens: int = 96
+    initial: str = "para_topk"
+    init_pool: int = 8
+    n_demos: int = 5
 
     def __post_init__(self) -> None:
         if self.variant not in ("ga", "de"):
             raise ValueError(f"EvoPrompt variant must be 'ga' or 'de', got {self.variant!r}")
+        if self.initial not in ("para_topk", "paraphrase"):
+            raise ValueError(f"EvoPrompt initial must be 'para_topk' or 'paraphrase', got {self.initial!r}")
         if self.pop_size < 1:
             raise ValueError("EvoPrompt pop_size must be at least 1")
 
@@ -152,7 +179,11 @@ class EvoPrompt:
 
     def step(self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         if not state.population:
-            return self._initialize(state, task, scorer, proposer, rng)
+            if self.initial == "paraphrase":
+                return self._initialize(state, task, scorer, proposer, rng)
+            if not state.pool:
+                return self._pool(state, task, scorer, proposer, rng)
+            return self._paraphrase_top(state, task, scorer, proposer, rng)
         build = self._ga_contexts if self.variant == "ga" else self._de_contexts
         contexts = build(state, rng)
         outs = proposer.generate(
@@ -177,6 +208,37 @@ class EvoPrompt:
         texts = [task.instruction] + paraphrases
         population, evaluated = self._score(texts, task, scorer, "init")
         new = replace(state, population=population, step=1, proposed=len(raws), usable=len(paraphrases))
+        return new, Report(self._metrics(new), evaluated)
+
+    def _pool(self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        """Step 1 of ``para_topk``: the seed and ``init_pool`` APE proposals, scored in one call."""
+        demo_sets = [subsample(task.train, self.n_demos, rng) for _ in range(self.init_pool)]
+        contexts = [FORWARD_TEMPLATE.format(demos=demo_block(task, d)) for d in demo_sets]
+        outs = proposer.generate(
+            contexts, max_new_tokens=40, temperature=max(self.temperature, 0.9),
+            seed=int(rng.integers(2**31)), stop=("\n\n", "Input:"),
+        ) if contexts else []
+        banned = input_texts([ex for d in demo_sets for ex in d])
+        texts = [task.instruction] + clean_candidates([o[0] for o in outs], banned, [task.instruction])
+        pool, evaluated = self._score(texts, task, scorer, "init")
+        new = replace(state, pool=tuple(sorted(pool, key=lambda p: -p[1])), step=1, proposed=len(outs),
+                      usable=len(texts) - 1)
+        return new, Report(self._metrics(new), evaluated)
+
+    def _paraphrase_top(self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        """Step 2 of ``para_topk``: the pool's top half, each paraphrased once; the paraphrases
+        fill the population (then the next-best pool prompts, if some paraphrases are unusable)."""
+        top = state.pool[: max(1, self.pop_size // 2)]
+        outs = proposer.generate(
+            [RESAMPLE_TEMPLATE.format(instruction=t) for t, _ in top], max_new_tokens=40,
+            temperature=max(self.temperature, 0.9), seed=int(rng.integers(2**31)), stop=("\n\n",),
+        )
+        seen = [t for t, _ in state.pool]
+        paraphrases = clean_candidates([o[0] for o in outs], seen=seen)[: self.pop_size - len(top)]
+        scored, evaluated = self._score(paraphrases, task, scorer, "init")
+        population = (tuple(top) + scored + state.pool[len(top):])[: self.pop_size]
+        new = replace(state, population=population, step=state.step + 1, proposed=state.proposed + len(outs),
+                      usable=state.usable + len(paraphrases))
         return new, Report(self._metrics(new), evaluated)
 
     def _paraphrase_seed(self, task: Task, proposer: LM, rng: np.random.Generator) -> list[str]:
@@ -228,7 +290,7 @@ class EvoPrompt:
         return tuple(population), evaluated, sum(p != q for p, q in zip(population, state.population))
 
     def _metrics(self, state: EvoState) -> dict[str, float]:
-        scores = [s for _, s in state.population]
+        scores = [s for _, s in (state.population or state.pool)]
         return {
             "dev_score": max(scores),
             "population_mean": float(np.mean(scores)),
@@ -239,12 +301,13 @@ class EvoPrompt:
         }
 
     def best(self, state: EvoState) -> TextPrompt:
-        if not state.population:
+        members = state.population or state.pool  # a budget may end the search before the population is built
+        if not members:
             raise ValueError("EvoPrompt has no population yet; run at least one step")
-        return TextPrompt(max(state.population, key=lambda p: p[1])[0])
+        return TextPrompt(max(members, key=lambda p: p[1])[0])
 
     def snapshot(self, state: EvoState) -> Snapshot:
-        return Snapshot(population=ranked(state.population))
+        return Snapshot(population=ranked(state.population or state.pool))
 
     def done(self, state: EvoState) -> bool:
         return False

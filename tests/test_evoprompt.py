@@ -36,7 +36,7 @@ run = run_steps
 @pytest.mark.parametrize("variant", ["ga", "de"])
 def test_evoprompt_climbs_and_never_loses_its_best(variant):
     task, lm = planted_task(n_dev=60), TaggedLM()
-    method = EvoPrompt(variant=variant, pop_size=6, n_eval=0)
+    method = EvoPrompt(initial="paraphrase", variant=variant, pop_size=6, n_eval=0)
     state, reports = run(method, task, lm, steps=6)
     assert quality(method.best(state).text) > quality(task.instruction) + 0.15
     curve = [r.metrics["dev_score"] for r in reports]
@@ -48,7 +48,7 @@ def test_evoprompt_climbs_and_never_loses_its_best(variant):
 
 def test_ga_keeps_the_top_n_of_parents_and_children():
     task, lm = planted_task(), TaggedLM()
-    method = EvoPrompt(variant="ga", pop_size=4)
+    method = EvoPrompt(initial="paraphrase", variant="ga", pop_size=4)
     state, _ = run(method, task, lm, steps=1)
     new, report = method.step(state, task, lm, lm, np.random.default_rng(1))
     union = list(state.population) + [(e.prompt, e.score) for e in report.evaluated]
@@ -58,7 +58,7 @@ def test_ga_keeps_the_top_n_of_parents_and_children():
 
 def test_de_replaces_a_member_only_with_a_strictly_better_child():
     task, lm = planted_task(), TaggedLM()
-    method = EvoPrompt(variant="de", pop_size=5)
+    method = EvoPrompt(initial="paraphrase", variant="de", pop_size=5)
     state, _ = run(method, task, lm, steps=2, seed=4)
     children = {}
     rng = np.random.default_rng(4)
@@ -91,7 +91,7 @@ class MemberChildLM(PlantedLM):
 
 def test_de_puts_each_child_in_the_slot_of_the_member_it_was_bred_from():
     task, lm = planted_task(), MemberChildLM()
-    method = EvoPrompt(variant="de", pop_size=6)
+    method = EvoPrompt(initial="paraphrase", variant="de", pop_size=6)
     state, _ = run(method, task, lm, steps=1)
     assert len(state.population) == 6 and max(quality(t) for t, _ in state.population) < 1.0
     new, _ = method.step(state, task, lm, lm, np.random.default_rng(0))
@@ -133,7 +133,7 @@ class DemoCopier(TaggedLM):
 @pytest.mark.parametrize("variant", ["ga", "de"])
 def test_children_copying_the_demonstration_are_dropped_unscored(variant):
     task, lm = planted_task(), DemoCopier()
-    method = EvoPrompt(variant=variant, pop_size=4)
+    method = EvoPrompt(initial="paraphrase", variant=variant, pop_size=4)
     state, reports = run(method, task, lm, steps=3)
     assert reports[1].evaluated == () and reports[2].metrics["usable"] == reports[0].metrics["usable"]
     assert copies_demo(DEMO[7]) and not copies_demo(task.instruction)
@@ -141,17 +141,49 @@ def test_children_copying_the_demonstration_are_dropped_unscored(variant):
 
 @pytest.mark.parametrize("variant", ["ga", "de"])
 def test_evoprompt_state_pickles_and_resumes_identically(variant):
-    task, method = planted_task(), EvoPrompt(variant=variant, pop_size=4)
+    task, method = planted_task(), EvoPrompt(initial="paraphrase", variant=variant, pop_size=4)
     state, full = resumed_and_uninterrupted(method, task, TaggedLM, seed=2)
     assert state == full
 
 
 def test_evoprompt_rejects_unknown_variant():
     with pytest.raises(ValueError, match="variant"):
-        EvoPrompt(variant="pso")
+        EvoPrompt(initial="paraphrase", variant="pso")
 
 
 def test_evoprompt_yaml_instantiates():
     cfg = OmegaConf.load(ROOT / "conf/method/evoprompt.yaml")
     method = hydra.utils.instantiate(cfg, _convert_="all")
     assert isinstance(method, EvoPrompt) and method.variant in ("ga", "de")
+
+
+class Recording(TaggedLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.contexts = []
+
+    def generate(self, contexts, **kwargs):
+        self.contexts.append(list(contexts))
+        return super().generate(contexts, **kwargs)
+
+
+def test_the_population_starts_from_the_top_half_of_scored_manual_and_ape_prompts_each_paraphrased():
+    """Fails on the old behaviour (the seed instruction and paraphrases of it): as the reference's
+    para_topk, the first step scores the seed and APE proposals, the second paraphrases the top half."""
+    from methods.ape import FORWARD_TEMPLATE, RESAMPLE_TEMPLATE
+
+    task, lm = planted_task(n_dev=60), Recording()
+    method = EvoPrompt(pop_size=4, init_pool=6, n_eval=0)
+    rng = np.random.default_rng(0)
+    state, report = method.step(method.init(task, lm, lm, rng), task, lm, lm, rng)
+    assert len(lm.contexts[0]) == 6 and all(c.startswith(FORWARD_TEMPLATE.split("{")[0]) for c in lm.contexts[0])
+    assert not state.population and state.pool[0][1] == max(s for _, s in state.pool)
+    assert task.instruction in [t for t, _ in state.pool] and len(report.evaluated) == len(state.pool)
+    assert method.best(state).text == state.pool[0][0]  # a budget may stop it here
+    state, report = method.step(state, task, lm, lm, rng)
+    top = state.pool[:2]
+    assert lm.contexts[1] == [RESAMPLE_TEMPLATE.format(instruction=t) for t, _ in top]
+    assert len(state.population) == 4 and state.population[:2] == top
+    assert {e.prompt for e in report.evaluated} <= {t for t, _ in state.population}
+    state, _ = method.step(state, task, lm, lm, rng)  # then evolution as before
+    assert len(state.population) == 4 and "Cross over" in lm.contexts[2][0]
