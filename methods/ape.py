@@ -8,6 +8,19 @@ iterative APE: paraphrase the current top ``k`` and keep whatever scores best.
 With ``halving_min > 0`` candidates race by successive halving instead: all are scored on
 the first ``halving_min`` dev examples, the better half goes on to twice as many, and so on;
 only the finalists, scored on the whole subset, can be returned or paraphrased.
+
+``score="likelihood"`` ranks candidates as the reference's default evaluator does
+(keirp/automatic_prompt_engineer ``evaluation/likelihood.py``, ``configs/default.yaml``): by
+the log-probability of each dev example's gold output under the instruction, averaged over
+the output's tokens and then over the examples; no generation is needed. The task metric of
+every candidate is measured all the same, so the reported ``dev_score`` (the metric of the
+candidate APE would return) stays comparable with the other methods. ``score="metric"``
+(the default here, and the reference's ``exec_accuracy`` of its instruction-induction runs)
+ranks by the metric.
+
+Departures: one proposal per demo draw where the reference samples many per draw
+(``num_prompts_per_subsample``); no UCB bandit evaluation (``configs/bandits.yaml``):
+successive halving is the budget-saving race here.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ import numpy as np
 
 from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.evaluate import score_prompts, subsample
-from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
+from methods.lm import LM, PROPOSER_WRITES, Needs, Request, TextPrompt
 from methods.racing import successive_halving
 from methods.text import clean_candidates, demo_block, input_texts
 from tasks.core import Task
@@ -44,6 +57,7 @@ class APEState:
 
     scored: tuple[tuple[str, float], ...] = ()
     dropped: tuple[tuple[str, float, int], ...] = ()
+    likelihood: tuple[tuple[str, float], ...] = ()  # (text, mean gold log-prob per token), score=likelihood
     round: int = 0
     proposed: int = 0
     usable: int = 0
@@ -66,6 +80,7 @@ class APE:
         halving_min: race candidates by successive halving from this many dev examples
             (0 = score every candidate on the whole dev subset).
         halving_eta: keep the best ``1/eta`` at each rung of the race.
+        score: rank candidates by the task ``metric`` or by the gold output's ``likelihood``.
     """
 
     n_prompts: int = 8
@@ -79,6 +94,13 @@ class APE:
     include_manual: bool = False
     halving_min: int = 0
     halving_eta: int = 2
+    score: str = "metric"
+
+    def __post_init__(self) -> None:
+        if self.score not in ("metric", "likelihood"):
+            raise ValueError(f"APE score must be 'metric' or 'likelihood', got {self.score!r}")
+        if self.score == "likelihood" and self.halving_min > 0:
+            raise ValueError("APE score=likelihood ranks every candidate on all its examples; set halving_min=0")
 
     def needs(self) -> Needs:
         return PROPOSER_WRITES
@@ -95,6 +117,10 @@ class APE:
         seen = [t for t, _ in state.scored] + [t for t, _, _ in state.dropped]
         candidates = clean_candidates(raw, banned, seen) + [e for e in extra if e not in seen]
         scored, dropped, n_eval = self._score(task, candidates, scorer)
+        if self.score == "likelihood":
+            dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
+            state = replace(state, likelihood=state.likelihood + tuple(
+                zip(candidates, gold_likelihood(task, candidates, dev, scorer))))
         new = replace(
             state, scored=state.scored + scored, dropped=state.dropped + dropped, round=state.round + 1,
             proposed=state.proposed + len(raw), usable=state.usable + len(candidates) - len(extra),
@@ -111,8 +137,12 @@ class APE:
         banned = input_texts([ex for d in demo_sets for ex in d])
         return [o[0] for o in outs], banned
 
+    def _ranking(self, state: APEState) -> tuple[tuple[str, float], ...]:
+        """What candidates are ranked by: their metric, or their likelihood."""
+        return state.likelihood if self.score == "likelihood" else state.scored
+
     def _resample(self, state: APEState, proposer: LM, rng: np.random.Generator) -> list[str]:
-        top = [t for t, _ in sorted(state.scored, key=lambda s: -s[1])[: self.top_k]]
+        top = [t for t, _ in sorted(self._ranking(state), key=lambda s: -s[1])[: self.top_k]]
         contexts = [RESAMPLE_TEMPLATE.format(instruction=t) for t in top]
         outs = proposer.generate(
             contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
@@ -134,8 +164,10 @@ class APE:
         return scored, dropped, len(dev)
 
     def _report(self, state: APEState, scored, dropped, n: int) -> Report:
+        chosen = self.best(state).text if state.scored else None
         metrics = {
-            "dev_score": max((s for _, s in state.scored), default=0.0),
+            # the metric of the candidate APE would return (the best one, when ranked by metric)
+            "dev_score": dict(state.scored).get(chosen, 0.0),
             "proposed": float(state.proposed),
             "usable": float(state.usable),
             "round": float(state.round),
@@ -147,13 +179,26 @@ class APE:
     def best(self, state: APEState) -> TextPrompt:
         if not state.scored:
             raise ValueError("APE has scored no candidate yet; run at least one step")
-        return TextPrompt(max(state.scored, key=lambda s: s[1])[0])
+        return TextPrompt(max(self._ranking(state), key=lambda s: s[1])[0])
 
     def snapshot(self, state: APEState) -> Snapshot:
-        return Snapshot(population=ranked(state.scored))
+        return Snapshot(population=ranked(self._ranking(state)))
 
     def planned_steps(self) -> int:
         return self.rounds + 1
 
     def done(self, state: APEState) -> bool:
         return state.round > self.rounds
+
+
+def gold_likelihood(task: Task, instructions: list[str], examples, scorer: LM) -> list[float]:
+    """Each instruction's mean over ``examples`` of the gold output's log-probability per token
+    (APE's likelihood evaluator), every request in one ``loglikelihood`` call."""
+    if not instructions:
+        return []
+    golds = [task.target_text(ex) for ex in examples]
+    lengths = {g: max(1, len(scorer.tokenize(g))) for g in set(golds)}
+    requests = [Request(task.render(i, ex), g) for i in instructions for ex, g in zip(examples, golds)]
+    ll = np.asarray(scorer.loglikelihood(requests), dtype=np.float64).reshape(len(instructions), len(examples))
+    per_token = ll / np.asarray([lengths[g] for g in golds], dtype=np.float64)
+    return [float(v) for v in per_token.mean(axis=1)]

@@ -107,3 +107,48 @@ def test_ape_with_halving_scores_fewer_examples_and_never_returns_a_dropped_cand
     assert quality(APE().best(raced).text) > quality(task.instruction)
     finalists = [e for e in reports[0].evaluated if e.kind == "candidate"]
     assert APE().best(raced).text == max(finalists, key=lambda e: e.score).prompt
+
+
+class ConfidenceLM(PlantedLM):
+    """Two proposals: "sharp" is right on every example by a hair (gold log-prob -0.6); "bold"
+    is right on 7 of 8 with near certainty and wrong on the 8th (gold -1.0)."""
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        texts = ["Answer sharply now.", "Answer boldly now."]
+        return [[texts[i % 2]] * n for i in range(len(contexts))]
+
+    def loglikelihood(self, requests):
+        out = []
+        for r in requests:
+            instruction, sentence = r.context.split("\n")[0], r.context.split("\n")[1]
+            gold = " yes" if sentence.endswith("yes") else " no"
+            if "sharply" in instruction:
+                out.append(-0.6 if r.continuation == gold else -0.8)
+            elif "boldly" in instruction:
+                missed = int(sentence.split()[2]) % 8 == 0
+                out.append((-1.0 if missed else -0.01) if r.continuation == gold else (-0.1 if missed else -5.0))
+            else:
+                out.append(-1.0)
+        return np.asarray(out, dtype=np.float64)
+
+
+def test_ape_likelihood_score_ranks_by_the_gold_outputs_log_probability():
+    """Fails on the old behaviour (APE ranked only by accuracy): APE's default evaluator ranks by the
+    mean log-probability of the gold output, and prefers the confident instruction."""
+    from methods.ape import gold_likelihood
+
+    task, lm = planted_task(n_dev=64), ConfidenceLM()
+    by_metric, _ = run(APE(n_prompts=2, n_eval=0), task, lm, steps=1)
+    by_likelihood, reports = run(APE(n_prompts=2, n_eval=0, score="likelihood"), task, lm, steps=1)
+    assert APE().best(by_metric).text == "Answer sharply now."
+    assert APE(score="likelihood").best(by_likelihood).text == "Answer boldly now."
+    liks = dict(by_likelihood.likelihood)
+    assert liks["Answer sharply now."] == pytest.approx(-0.6)
+    missed = sum(int(ex.inputs["sentence"].split()[1]) % 8 == 0 for ex in task.dev) / len(task.dev)
+    assert liks["Answer boldly now."] == pytest.approx(-1.0 * missed - 0.01 * (1 - missed))
+    # the reported dev score is the chosen prompt's accuracy, comparable with every method's
+    bold_accuracy = dict(by_likelihood.scored)["Answer boldly now."]
+    assert reports[-1].metrics["dev_score"] == pytest.approx(bold_accuracy) and bold_accuracy < 1.0
+    assert gold_likelihood(task, [], task.dev, lm) == []
+    with pytest.raises(ValueError, match="halving_min=0"):
+        APE(score="likelihood", halving_min=8)
