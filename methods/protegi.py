@@ -1,14 +1,24 @@
 """ProTeGi / APO (Pryzant et al. 2023): textual gradients, edits, and bandit beam selection.
 
-One step expands every beam member: its errors on a train minibatch go to the proposer,
-which writes "gradients" (reasons the prompt failed), then prompts edited to fix each
-reason, then Monte-Carlo paraphrases of each edit. The beam and all successors race under
+One step expands every beam member as the reference code does (microsoft/LMOps
+``prompt_optimization/optimizers.py``, ``ProTeGi.expand_candidates``): ``n_gradients`` error
+samples are drawn from its errors on a train minibatch, each goes to the proposer, which
+writes ``reasons_per_error`` "gradients" (reasons the prompt failed) from it; each reason,
+with its own error sample, yields edited prompts; then Monte-Carlo paraphrases are drawn of
+each edit and of the member itself. A member's new prompts are de-duplicated and, beyond
+``max_expansion``, randomly cut to that many (the reference's ``max_expansion_factor``
+without ``--reject_on_errors``). The beam and all successors race under
 a fixed budget of pulls (one pull = one candidate scored on a small random dev minibatch;
 UCB or Successive Rejects), and the ``beam_size`` best survive. Survivors are also scored
 on a fixed dev subset, so ``dev_score`` is comparable across steps and methods.
 
 Per step: one scorer call for the errors, one per race round, one for new survivors; three
 generate calls (gradients, edits, paraphrases), each batched over the whole beam.
+
+Departures: the default sizes are CPU-sized (beam 2, minibatch 16, 2 error samples per member,
+1 paraphrase per prompt; ``protegi_paper.yaml`` has the reference's 4, 64, 4 and 2); the
+selection races on small dev minibatches (the reference's bandit evaluators pull train
+examples); the meta-prompts end on an opened ``<START>`` and each sample gives one item.
 """
 
 from __future__ import annotations
@@ -99,9 +109,12 @@ class ProTeGi:
         beam_size: prompts kept per step (b).
         minibatch: train examples each beam member is run on to find its errors.
         n_errors: errors shown per gradient meta-prompt (the paper shows 4).
-        n_gradients: reasons sampled per beam member.
+        n_gradients: error samples drawn per beam member, one gradient meta-prompt each.
+        reasons_per_error: reasons sampled per error sample.
         edits_per_gradient: edited prompts sampled per reason.
-        mc_samples: Monte-Carlo paraphrases per edited prompt.
+        mc_samples: Monte-Carlo paraphrases per edited prompt (and of the member itself).
+        paraphrase_parent: also paraphrase the member, as the reference does.
+        max_expansion: new prompts kept per member, a random subset beyond it (0: no cap).
         selector: "ucb" or "successive_rejects".
         budget: pulls per step's race.
         pull_size: dev examples per pull.
@@ -116,8 +129,11 @@ class ProTeGi:
     minibatch: int = 16
     n_errors: int = 4
     n_gradients: int = 2
+    reasons_per_error: int = 1
     edits_per_gradient: int = 1
     mc_samples: int = 1
+    paraphrase_parent: bool = True
+    max_expansion: int = 8
     selector: str = "ucb"
     budget: int = 24
     pull_size: int = 8
@@ -142,29 +158,33 @@ class ProTeGi:
     def step(self, state: ProTeGiState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         errors = self._errors(state.beam, task, scorer, rng)
         edits, raw_n, banned = self._expand(state.beam, errors, task, proposer, rng)
-        edits = clean_candidates(edits, banned, state.beam)
-        paraphrases = self._paraphrase(edits, proposer, rng)
-        fresh = clean_candidates(paraphrases, banned, list(state.beam) + edits)
-        arms = list(state.beam) + edits + fresh
+        paraphrases = self._paraphrase(state.beam, edits, proposer, rng)
+        per_member = self._successors(state.beam, edits, paraphrases, banned, rng)
+        arms = list(state.beam) + [t for texts in per_member for t in texts]
         race = self._race(arms, task, scorer, rng)
         beam = tuple(arms[i] for i in (race.top(self.beam_size) if race else range(len(arms))))
         scored, beam_eval = self._score_new(state, beam, task, scorer)
         new = replace(
             state, beam=beam, scored=scored, step=state.step + 1,
             pulls=state.pulls + (race.pulls if race else 0),
-            proposed=state.proposed + raw_n + len(paraphrases),
-            usable=state.usable + len(edits) + len(fresh),
+            proposed=state.proposed + raw_n + sum(len(p) for p in paraphrases),
+            usable=state.usable + len(arms) - len(state.beam),
         )
         evaluated = self._race_log(arms, race) + beam_eval
         return new, Report(self._metrics(new, errors, len(arms), race), evaluated)
 
     def _errors(
         self, beam, task: Task, scorer: LM, rng: np.random.Generator
-    ) -> list[list[tuple[Example, int]]]:
-        """Sampled errors of every beam member on one shared train minibatch (one scorer call)."""
+    ) -> list[list[list[tuple[Example, int]]]]:
+        """Per beam member, ``n_gradients`` error samples from its predictions on one shared
+        train minibatch (one scorer call); empty for a member that made no error."""
         batch = subsample(task.train, self.minibatch, rng)
         preds = predict_many(task, beam, batch, scorer)
-        return [sample_errors(task, batch, preds[j], self.n_errors, rng) for j in range(len(beam))]
+        out = []
+        for j in range(len(beam)):
+            samples = [sample_errors(task, batch, preds[j], self.n_errors, rng) for _ in range(self.n_gradients)]
+            out.append([e for e in samples if e])
+        return out
 
     def _generate(
         self, proposer: LM, contexts: list[str], n: int, rng: np.random.Generator
@@ -179,22 +199,42 @@ class ProTeGi:
         )
 
     def _expand(self, beam, errors, task: Task, proposer: LM, rng: np.random.Generator):
-        """Gradients for every member with errors, then edits for every gradient."""
-        jobs = [(p, error_block(task, e)) for p, e in zip(beam, errors) if e]
-        grad_ctx = [GRADIENT_TEMPLATE.format(prompt=p, errors=b, n=self.n_gradients) for p, b in jobs]
-        grads = self._generate(proposer, grad_ctx, self.n_gradients, rng)
-        edit_ctx = [
-            EDIT_TEMPLATE.format(prompt=p, errors=b, gradient=g, n=self.edits_per_gradient)
-            for (p, b), row in zip(jobs, grads) for g in _reasons(row)
-        ]
-        outs = self._generate(proposer, edit_ctx, self.edits_per_gradient, rng)
-        edits = [first_usable(s) for row in outs for s in row]
-        banned = [example_text(task, ex) for e in errors for ex, _ in e]
+        """Gradients from every error sample of every member, then edits for every gradient,
+        each edit with the error sample its reason came from; edits are ``(member, text)``."""
+        jobs = [(j, beam[j], error_block(task, e)) for j, samples in enumerate(errors) for e in samples]
+        grad_ctx = [GRADIENT_TEMPLATE.format(prompt=p, errors=b, n=self.reasons_per_error) for _, p, b in jobs]
+        grads = self._generate(proposer, grad_ctx, self.reasons_per_error, rng)
+        edit_jobs = [(j, EDIT_TEMPLATE.format(prompt=p, errors=b, gradient=g, n=self.edits_per_gradient))
+                     for (j, p, b), row in zip(jobs, grads) for g in _reasons(row)]
+        outs = self._generate(proposer, [c for _, c in edit_jobs], self.edits_per_gradient, rng)
+        edits = [(j, first_usable(s)) for (j, _), row in zip(edit_jobs, outs) for s in row]
+        banned = [example_text(task, ex) for samples in errors for e in samples for ex, _ in e]
         return edits, len(edits), banned
 
-    def _paraphrase(self, edits: list[str], proposer: LM, rng: np.random.Generator) -> list[str]:
-        contexts = [RESAMPLE_TEMPLATE.format(instruction=e) for e in edits]
-        return [s for row in self._generate(proposer, contexts, self.mc_samples, rng) for s in row]
+    def _paraphrase(self, beam, edits: list[tuple[int, str]], proposer: LM, rng: np.random.Generator):
+        """Monte-Carlo paraphrases of every edit (and of every member), by member: ``[[text]]``."""
+        sources = [(j, e) for j, e in edits if e]
+        if self.paraphrase_parent:
+            sources += list(enumerate(beam))
+        rows = self._generate(proposer, [RESAMPLE_TEMPLATE.format(instruction=t) for _, t in sources],
+                              self.mc_samples, rng)
+        out: list[list[str]] = [[] for _ in beam]
+        for (j, _), row in zip(sources, rows):
+            out[j] += row
+        return out
+
+    def _successors(self, beam, edits, paraphrases, banned, rng: np.random.Generator) -> list[list[str]]:
+        """Each member's new prompts (edits, then paraphrases), cleaned, de-duplicated against the
+        beam and every other member's, and cut to a random ``max_expansion`` of them."""
+        seen, out = list(beam), []
+        for j in range(len(beam)):
+            mine = clean_candidates([e for k, e in edits if k == j] + paraphrases[j], banned, seen)
+            if self.max_expansion and len(mine) > self.max_expansion:
+                keep = sorted(rng.choice(len(mine), size=self.max_expansion, replace=False).tolist())
+                mine = [mine[i] for i in keep]
+            seen += mine
+            out.append(mine)
+        return out
 
     def _race(self, arms: list[str], task: Task, scorer: LM, rng: np.random.Generator) -> Race | None:
         """Bandit selection of the next beam; ``None`` when every arm survives anyway."""
@@ -230,7 +270,7 @@ class ProTeGi:
             "beam_mean": float(np.mean([known[b] for b in state.beam])),
             "proposed": float(state.proposed),
             "usable": float(state.usable),
-            "errors": float(sum(len(e) for e in errors)),
+            "errors": float(sum(len(e) for samples in errors for e in samples)),
             "arms": float(n_arms),
             "pulls": float(race.pulls if race else 0),
             "race_rounds": float(race.rounds if race else 0),

@@ -41,7 +41,7 @@ def test_protegi_climbs_with_a_bounded_beam(selector):
     method = ProTeGi(beam_size=3, selector=selector, budget=40, pull_size=10, n_eval=0)
     rng = np.random.default_rng(0)
     state, reports, beam_quality = method.init(task, lm, lm, rng), [], []
-    for _ in range(6):
+    for _ in range(8):
         state, report = method.step(state, task, lm, lm, rng)
         reports.append(report)
         assert 1 <= len(state.beam) <= 3 and len(set(state.beam)) == len(state.beam)
@@ -75,11 +75,32 @@ def test_gradient_and_edit_prompts_show_the_members_real_errors():
     head = "I'm trying to write a zero-shot classifier prompt."
     grads = [c for c in lm.contexts if c.startswith(head)]
     edits = [c for c in lm.contexts if "the problem with this prompt is that" in c]
-    assert len(grads) == 1 and 1 <= len(edits) <= 2
-    shown = re.findall(r'Text: "case (\d+) is (\w+)"\nLabel: (\w+)\nPrediction: (\w+)', grads[0])
-    assert 1 <= len(shown) <= 4
-    assert all(word == label != pred for _, word, label, pred in shown)
+    # Fails on the old behaviour (every reason from one error sample): one error sample per
+    # gradient meta-prompt, each reason edited with the errors it came from
+    assert len(grads) == 2 and 1 <= len(edits) <= 2
+    blocks = [g.split("But this prompt gets the following examples wrong:\n")[1].split("\n\ngive")[0] for g in grads]
+    for g in grads:
+        shown = re.findall(r'Text: "case (\d+) is (\w+)"\nLabel: (\w+)\nPrediction: (\w+)', g)
+        assert 1 <= len(shown) <= 4
+        assert all(word == label != pred for _, word, label, pred in shown)
+    assert all(any(b in e for b in blocks) for e in edits)
     assert '"the banana"' in grads[0] and '"the banana"' in edits[0]
+    # the member itself is paraphrased too, as the reference does
+    assert any(c.startswith("Generate a variation") and "Input: the banana" in c for c in lm.contexts)
+
+
+def test_a_members_successors_are_cut_to_max_expansion():
+    """Fails on the old behaviour (no expansion cap): the reference keeps a random
+    max_expansion_factor of a member's new prompts."""
+    task, lm = planted_task(), RecordingLM()
+    method = ProTeGi(beam_size=1, n_gradients=4, edits_per_gradient=3, mc_samples=3, max_expansion=3, budget=8)
+    state, _ = run(method, task, lm, steps=1)
+    _, report = method.step(state, task, lm, lm, np.random.default_rng(0))
+    assert report.metrics["arms"] <= 1 + 3
+    uncapped = ProTeGi(beam_size=1, n_gradients=4, edits_per_gradient=3, mc_samples=3, max_expansion=0, budget=8)
+    state, _ = run(uncapped, task, lm, steps=1)
+    _, report = uncapped.step(state, task, lm, lm, np.random.default_rng(0))
+    assert report.metrics["arms"] > 1 + 3
 
 
 def test_sample_errors_and_error_block():
