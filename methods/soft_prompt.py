@@ -10,11 +10,18 @@ task's ``{instruction}`` slot (prompt tuning). ``space="prefix"`` trains key/val
 every layer, prepended to the whole context (prefix tuning); they start from the states of
 real words, as Li & Liang recommend, and travel as a :class:`methods.lm.PrefixPrompt`.
 
-``encoder="none"`` trains the prompt directly. ``encoder="mlp"`` is P-tuning's
-reparameterization: the prompt is an MLP of trainable virtual-token embeddings (PEFT's
-``PromptEncoder`` MLP: Linear-ReLU-Linear-ReLU-Linear), and the gradient is chained through
-the MLP here. Only the encoder's *output* ever reaches the LM, so it runs through the same
-protocol; like PEFT, the encoder is discarded after training and its output is exported.
+``encoder="none"`` trains the prompt directly. ``encoder="lstm"`` is P-tuning's (Liu et al.
+2021): the prompt is a bidirectional two-layer LSTM plus an MLP head over trainable
+virtual-token embeddings, PEFT's own ``PromptEncoder`` (``methods/peft_encoders.py``), with
+the gradient chained through it by torch. ``encoder="mlp"`` is PEFT's MLP alternative
+(Linear-ReLU-Linear-ReLU-Linear), in numpy here; ``residual=true`` adds its output to its
+input with the last layer at zero, so training starts from the initial prompt (residual
+prompt tuning's form, neither P-tuning's nor PEFT's). Only the encoder's *output* ever
+reaches the LM, so it runs through the same protocol; like PEFT, the encoder is discarded
+after training and its output is exported.
+
+Departures: prefix tuning trains the states directly (PEFT's ``prefix_projection=False``);
+Li & Liang's MLP reparameterization of the prefix is not available yet.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 from methods.autoprompt import label_requests
 from methods.base import Evaluated, Report, Snapshot
 from methods.evaluate import score_prompts, slot_text, subsample
+from methods.peft_encoders import init_lstm, lstm_backward, lstm_forward
 from methods.lm import LM, Needs, PREFIX_STATES, PROMPT_GRAD, PrefixPrompt, SoftPrompt, TOKEN_EMBEDDINGS
 from tasks.core import Task
 
@@ -72,8 +80,9 @@ class SoftPromptTuning:
             TEXT init), "sample_vocab" (embeddings of random vocabulary tokens: PEFT's
             SAMPLE_VOCAB) or "random" (Gaussian with the vocabulary's per-dimension mean and std).
         init_text: text for ``init_from="text"``; empty means the task's baseline instruction.
-        encoder: "none" (prompt tuning) or "mlp" (P-tuning's MLP reparameterization).
-        encoder_hidden: hidden width of the MLP encoder.
+        encoder: "none" (prompt tuning), "lstm" (P-tuning's LSTM encoder, PEFT's) or "mlp"
+            (PEFT's MLP encoder).
+        encoder_hidden: hidden width of the encoder.
         residual: MLP output is added to its input and the last layer starts at zero, so
             training starts from the initial prompt (as in residual prompt tuning); false
             gives PEFT's plain MLP, whose first prompt is unrelated to the init.
@@ -106,8 +115,10 @@ class SoftPromptTuning:
             raise ValueError(f"init_from must be text, sample_vocab or random, got {self.init_from!r}")
         if self.space not in ("input", "prefix"):
             raise ValueError(f"space must be 'input' or 'prefix', got {self.space!r}")
-        if self.encoder not in ("none", "mlp"):
-            raise ValueError(f"encoder must be 'none' or 'mlp', got {self.encoder!r}")
+        if self.encoder not in ("none", "mlp", "lstm"):
+            raise ValueError(f"encoder must be 'none', 'mlp' or 'lstm', got {self.encoder!r}")
+        if self.encoder == "lstm" and self.space != "input":
+            raise ValueError("encoder='lstm' (P-tuning's) makes input-space prompts; use space='input'")
         if min(self.n_virtual, self.batch_size, self.encoder_hidden) < 1:
             raise ValueError("n_virtual, batch_size and encoder_hidden must be >= 1")
 
@@ -122,7 +133,12 @@ class SoftPromptTuning:
             prompt, origin = self._initial_prefix(task, scorer, vocab, rng)
         else:
             prompt, origin = self._initial_prompt(task, scorer, vocab, rng), ""
-        params = (prompt,) if self.encoder == "none" else init_mlp(prompt, self.encoder_hidden, self.residual, rng)
+        if self.encoder == "lstm":
+            params = init_lstm(prompt, self.encoder_hidden, rng)
+        elif self.encoder == "mlp":
+            params = init_mlp(prompt, self.encoder_hidden, self.residual, rng)
+        else:
+            params = (prompt,)
         zeros = tuple(np.zeros_like(p) for p in params)
         return SoftPromptState(params=params, m=zeros, v=zeros, origin=origin)
 
@@ -179,11 +195,15 @@ class SoftPromptTuning:
         """The soft prompt ``[n, d]`` from the trainable arrays, and what backward needs."""
         if self.encoder == "none":
             return params[0], None
+        if self.encoder == "lstm":
+            return lstm_forward(params, self.encoder_hidden)
         return mlp_forward(params, self.residual)
 
     def _backward(self, params: Arrays, cache, grad: np.ndarray) -> Arrays:
         if self.encoder == "none":
             return (grad,)
+        if self.encoder == "lstm":
+            return lstm_backward(cache, grad)
         return mlp_backward(params, cache, grad, self.residual)
 
     def _maybe_eval(self, state: SoftPromptState, task: Task, scorer: LM):
