@@ -20,8 +20,11 @@ prompt tuning's form, neither P-tuning's nor PEFT's). Only the encoder's *output
 reaches the LM, so it runs through the same protocol; like PEFT, the encoder is discarded
 after training and its output is exported.
 
-Departures: prefix tuning trains the states directly (PEFT's ``prefix_projection=False``);
-Li & Liang's MLP reparameterization of the prefix is not available yet.
+For prefixes, ``encoder="projection"`` is Li & Liang's reparameterization, PEFT's
+``PrefixEncoder`` with ``prefix_projection=True`` (``methods/peft_encoders.py``); with
+``residual=true`` (a departure) its output is added to the instruction's states and its last
+layer starts at zero, so training starts from the baseline; ``encoder="none"`` trains the
+states directly (PEFT's ``prefix_projection=False``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import numpy as np
 from methods.autoprompt import label_requests
 from methods.base import Evaluated, Report, Snapshot
 from methods.evaluate import score_prompts, slot_text, subsample
-from methods.peft_encoders import init_lstm, lstm_backward, lstm_forward
+from methods.peft_encoders import (
+    init_lstm, init_projection, lstm_backward, lstm_forward, projection_backward, projection_forward,
+)
 from methods.lm import LM, Needs, PREFIX_STATES, PROMPT_GRAD, PrefixPrompt, SoftPrompt, TOKEN_EMBEDDINGS
 from tasks.core import Task
 
@@ -80,8 +85,8 @@ class SoftPromptTuning:
             TEXT init), "sample_vocab" (embeddings of random vocabulary tokens: PEFT's
             SAMPLE_VOCAB) or "random" (Gaussian with the vocabulary's per-dimension mean and std).
         init_text: text for ``init_from="text"``; empty means the task's baseline instruction.
-        encoder: "none" (prompt tuning), "lstm" (P-tuning's LSTM encoder, PEFT's) or "mlp"
-            (PEFT's MLP encoder).
+        encoder: "none" (the vectors themselves), "lstm" (P-tuning's LSTM encoder, PEFT's),
+            "mlp" (PEFT's MLP encoder) or, for prefixes, "projection" (Li & Liang's MLP, PEFT's).
         encoder_hidden: hidden width of the encoder.
         residual: MLP output is added to its input and the last layer starts at zero, so
             training starts from the initial prompt (as in residual prompt tuning); false
@@ -115,10 +120,13 @@ class SoftPromptTuning:
             raise ValueError(f"init_from must be text, sample_vocab or random, got {self.init_from!r}")
         if self.space not in ("input", "prefix"):
             raise ValueError(f"space must be 'input' or 'prefix', got {self.space!r}")
-        if self.encoder not in ("none", "mlp", "lstm"):
-            raise ValueError(f"encoder must be 'none', 'mlp' or 'lstm', got {self.encoder!r}")
-        if self.encoder == "lstm" and self.space != "input":
-            raise ValueError("encoder='lstm' (P-tuning's) makes input-space prompts; use space='input'")
+        if self.encoder not in ("none", "mlp", "lstm", "projection"):
+            raise ValueError(f"encoder must be 'none', 'mlp', 'lstm' or 'projection', got {self.encoder!r}")
+        if self.encoder in ("lstm", "mlp") and self.space != "input":
+            raise ValueError(f"encoder={self.encoder!r} makes input-space prompts; use space='input' "
+                             "(or encoder='projection' for a prefix)")
+        if self.encoder == "projection" and self.space != "prefix":
+            raise ValueError("encoder='projection' is prefix tuning's reparameterization; use space='prefix'")
         if min(self.n_virtual, self.batch_size, self.encoder_hidden) < 1:
             raise ValueError("n_virtual, batch_size and encoder_hidden must be >= 1")
 
@@ -135,6 +143,8 @@ class SoftPromptTuning:
             prompt, origin = self._initial_prompt(task, scorer, vocab, rng), ""
         if self.encoder == "lstm":
             params = init_lstm(prompt, self.encoder_hidden, rng)
+        elif self.encoder == "projection":
+            params = init_projection(prompt, self.encoder_hidden, self.residual, rng)
         elif self.encoder == "mlp":
             params = init_mlp(prompt, self.encoder_hidden, self.residual, rng)
         else:
@@ -197,6 +207,8 @@ class SoftPromptTuning:
             return params[0], None
         if self.encoder == "lstm":
             return lstm_forward(params, self.encoder_hidden)
+        if self.encoder == "projection":
+            return projection_forward(params, self.encoder_hidden)
         return mlp_forward(params, self.residual)
 
     def _backward(self, params: Arrays, cache, grad: np.ndarray) -> Arrays:
@@ -204,6 +216,8 @@ class SoftPromptTuning:
             return (grad,)
         if self.encoder == "lstm":
             return lstm_backward(cache, grad)
+        if self.encoder == "projection":
+            return projection_backward(cache, grad)
         return mlp_backward(params, cache, grad, self.residual)
 
     def _maybe_eval(self, state: SoftPromptState, task: Task, scorer: LM):

@@ -140,3 +140,46 @@ def test_text_init_without_any_text_says_what_to_set(lm):
             SoftPromptTuning(space=space).init(task, lm, lm, np.random.default_rng(0))
     state = SoftPromptTuning(space="prefix", n_virtual=2, init_from="sample_vocab").init(task, lm, lm, np.random.default_rng(0))
     assert state.params[0].shape == (2, lm.kv_shape.width)
+
+
+def test_prefix_projection_is_pefts_prefix_encoder_and_starts_at_the_instructions_states(lm):
+    """Fails on the old behaviour (prefix states trained directly, no reparameterization): Li &
+    Liang's MLP over smaller embeddings, PEFT's PrefixEncoder(prefix_projection=True)."""
+    import pickle
+
+    import torch
+    from peft import PrefixTuningConfig
+    from peft.tuners.prefix_tuning.model import PrefixEncoder
+
+    from methods.peft_encoders import init_projection, projection_backward, projection_forward
+
+    task = planted_task(n_train=32, n_dev=16)
+    method = SoftPromptTuning(space="prefix", encoder="projection", encoder_hidden=8, n_virtual=4,
+                              init_text="the the", lr=0.05, batch_size=32, eval_every=10, n_eval=0)
+    rng = np.random.default_rng(0)
+    state = method.init(task, lm, lm, rng)
+    start = method.best(state).key_values
+    np.testing.assert_allclose(start, lm.prefix_states("the the the the")[:4], rtol=1e-6)  # residual: the baseline
+    reqs = label_requests(task, task.train, "")
+
+    def loss(p):
+        return float(-lm.loglikelihood(Request.batch(reqs, PrefixPrompt(p))).mean())
+
+    for _ in range(10):
+        state, _ = method.step(state, task, lm, lm, rng)
+    state = pickle.loads(pickle.dumps(state))
+    np.testing.assert_array_equal(state.params[0], start)  # the offset never moves; the encoder does
+    assert loss(method._forward(state.params)[0]) < 0.8 * loss(start)
+    # without the residual offset it is PEFT's encoder, output for output
+    params = init_projection(start, hidden=8, residual=False, rng=np.random.default_rng(1))
+    width = start.shape[1]
+    reference = PrefixEncoder(PrefixTuningConfig(num_virtual_tokens=4, token_dim=width // 2, num_layers=1,
+                                                 encoder_hidden_size=8, prefix_projection=True,
+                                                 num_transformer_submodules=1)).double()
+    reference.load_state_dict({k: torch.from_numpy(p.astype(np.float64)) for k, p in zip(reference.state_dict(), params[1:])})
+    out, cache = projection_forward(params, hidden=8)
+    np.testing.assert_allclose(out, reference(torch.arange(4)).detach().numpy(), rtol=1e-5, atol=1e-5)
+    grads = projection_backward(cache, np.ones_like(out))
+    assert not grads[0].any() and all(g.shape == p.shape for g, p in zip(grads, params))
+    with pytest.raises(ValueError, match="space='prefix'"):
+        SoftPromptTuning(encoder="projection")
