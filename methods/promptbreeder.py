@@ -9,8 +9,14 @@ mutation, zero-order and first-order hypermutation (which rewrite the mutation p
 before applying it), and Lamarckian mutation (the instruction re-derived from examples the
 winner got right). The fittest unit always wins its tournament, so it is never lost.
 
+Near-duplicates are filtered, as the paper filters mutants by similarity to the population:
+a mutant whose text is at least ``max_similarity`` alike to a task prompt in the population
+(or to a mutant kept earlier in the step) is dropped, with ``difflib``'s ratio on lowercased
+text standing in for the paper's embedding similarity (``max_similarity=1`` drops exact
+copies only).
+
 Simplified from the paper: one task prompt per unit, no lineage mutation, prompt crossover
-or context shuffling, exact-duplicate filtering instead of embedding similarity, and fitness
+or context shuffling, character similarity instead of embedding similarity, and fitness
 on a fixed dev subset. Per step: at most one scorer call for Lamarckian workings, two
 generate calls (the second only for hypermutations) and one scorer call for all mutants.
 """
@@ -127,6 +133,8 @@ class Promptbreeder:
         n_workings: correct workings shown to the Lamarckian operator.
         temperature: proposer temperature.
         max_new_tokens: length cap of a task or mutation prompt.
+        max_similarity: a mutant at least this alike (difflib ratio) to a task prompt already
+            in the population is dropped (1.0: exact copies only).
     """
 
     pop_size: int = 6
@@ -137,6 +145,7 @@ class Promptbreeder:
     n_workings: int = 3
     temperature: float = 0.9
     max_new_tokens: int = 40
+    max_similarity: float = 0.95
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "operators", tuple(self.operators))  # a YAML list arrives as a list
@@ -234,10 +243,10 @@ class Promptbreeder:
 
     def _replace_losers(self, state, pairs, prompts, mutations, task, scorer, n_contexts):
         """Score usable, new mutants in one call; each overwrites its tournament's loser."""
-        known, keep = {u[0].lower() for u in state.units}, []
+        known, keep = [u[0] for u in state.units], []
         for i, p in enumerate(prompts):
-            if p and p.lower() not in known:
-                known.add(p.lower())
+            if p and not near_duplicate(p, known, self.max_similarity):
+                known.append(p)
                 keep.append(i)
         scores, evaluated = self._score([prompts[i] for i in keep], task, scorer, "mutant")
         units = list(state.units)
@@ -298,6 +307,15 @@ def tournaments(units: Sequence[Unit], rng: np.random.Generator) -> list[tuple[i
         a, b = sorted((int(a), int(b)))
         pairs.append((a, b) if units[a][2] >= units[b][2] else (b, a))
     return pairs
+
+
+def near_duplicate(text: str, others: Sequence[str], threshold: float) -> bool:
+    """True if ``text`` is at least ``threshold`` alike to one of ``others`` (difflib ratio,
+    case-insensitive); an exact copy always is."""
+    from difflib import SequenceMatcher
+
+    low = text.lower()
+    return any(low == o.lower() or SequenceMatcher(None, low, o.lower()).ratio() >= threshold for o in others)
 
 
 def eda_context(units: Sequence[Unit], mutation: str, ranked: bool, rng: np.random.Generator) -> str:

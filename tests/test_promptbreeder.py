@@ -136,3 +136,37 @@ def test_promptbreeder_yaml_instantiates_and_bad_operator_is_rejected():
     assert hydra.utils.instantiate(cfg).operators == method.operators  # ListConfig becomes a tuple too
     with pytest.raises(ValueError, match="operators"):
         Promptbreeder(operators=("crossover",))
+
+
+def test_a_mutant_nearly_the_same_as_a_population_prompt_is_dropped():
+    """Fails on the old behaviour (exact copies only): the paper filters mutants by similarity."""
+    from methods.promptbreeder import near_duplicate
+
+    population = ["Decide whether the review is positive or negative."]
+    assert near_duplicate("Decide whether the review is positive or negative!", population, 0.95)
+    assert near_duplicate("DECIDE whether the review is positive or negative.", population, 0.95)
+    assert not near_duplicate("Read the text and name its sentiment.", population, 0.95)
+    assert not near_duplicate("Decide whether the review is positive or negative!", population, 1.0)
+    assert near_duplicate("Decide whether the review is positive or negative.", population, 1.0)
+
+
+class Echo(PlantedLM):
+    """Mutates by copying the winner's prompt from the context with a "!" at the end."""
+
+    def generate(self, contexts, *, max_new_tokens, temperature=1.0, n=1, seed=None, stop=()):
+        outs = []
+        for c in contexts:
+            found = re.findall(r"INSTRUCTION: (.+)", c) or re.findall(r"\n([^\n]+)\n*$", c)
+            outs.append([(found[-1].strip() + "!") if found else "x"] * n)
+        return outs
+
+
+def test_tournaments_drop_mutants_that_barely_change_the_winner():
+    """The step-level half of the similarity filter: with max_similarity 1.0 (the old exact-match
+    rule) the "!" copies enter the population; with the default they are all dropped."""
+    task = planted_task()
+    start, _ = run(Promptbreeder(pop_size=4, operators=("first_order",)), task, PlantedLM(), steps=1)
+    for threshold, expect_new in ((1.0, True), (0.95, False)):
+        method = Promptbreeder(pop_size=4, operators=("first_order",), max_similarity=threshold)
+        new, report = method.step(start, task, Echo(), Echo(), np.random.default_rng(0))
+        assert bool(report.evaluated) == expect_new, threshold
