@@ -18,9 +18,16 @@ candidate APE would return) stays comparable with the other methods. ``score="me
 (the default here, and the reference's ``exec_accuracy`` of its instruction-induction runs)
 ranks by the metric.
 
+With ``ucb_pulls > 0`` candidates race as in the reference's bandit evaluation
+(``configs/bandits.yaml``, ``evaluation/bandits.py``): UCB1 over random dev minibatches of
+``ucb_pull_size`` examples, ``ucb_per_round`` candidates per round (one scorer call each),
+until ``ucb_pulls`` pulls are spent; the ``ucb_finalists`` best are then scored on the fixed
+dev subset, the rest are kept with their race means as stopped early.
+
 Departures: one proposal per demo draw where the reference samples many per draw
-(``num_prompts_per_subsample``); no UCB bandit evaluation (``configs/bandits.yaml``):
-successive halving is the budget-saving race here.
+(``num_prompts_per_subsample``); the UCB race's finalists are re-scored on the fixed dev
+subset (the reference returns the race's own estimates), so every reported score is
+comparable.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import numpy as np
 from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.evaluate import score_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, Request, TextPrompt
-from methods.racing import successive_halving
+from methods.racing import minibatch_pull, successive_halving, ucb_race
 from methods.text import clean_candidates, demo_block, input_texts
 from tasks.core import Task
 
@@ -81,6 +88,11 @@ class APE:
             (0 = score every candidate on the whole dev subset).
         halving_eta: keep the best ``1/eta`` at each rung of the race.
         score: rank candidates by the task ``metric`` or by the gold output's ``likelihood``.
+        ucb_pulls: race candidates by UCB with this many pulls (0: no race).
+        ucb_pull_size: dev examples per pull.
+        ucb_per_round: candidates pulled per UCB round (one scorer call each round).
+        ucb_c: UCB exploration weight.
+        ucb_finalists: the race's best, scored on the fixed dev subset afterwards.
     """
 
     n_prompts: int = 8
@@ -95,12 +107,22 @@ class APE:
     halving_min: int = 0
     halving_eta: int = 2
     score: str = "metric"
+    ucb_pulls: int = 0
+    ucb_pull_size: int = 8
+    ucb_per_round: int = 8
+    ucb_c: float = 1.0
+    ucb_finalists: int = 4
 
     def __post_init__(self) -> None:
         if self.score not in ("metric", "likelihood"):
             raise ValueError(f"APE score must be 'metric' or 'likelihood', got {self.score!r}")
-        if self.score == "likelihood" and self.halving_min > 0:
-            raise ValueError("APE score=likelihood ranks every candidate on all its examples; set halving_min=0")
+        if self.score == "likelihood" and (self.halving_min > 0 or self.ucb_pulls > 0):
+            raise ValueError("APE score=likelihood ranks every candidate on all its examples; "
+                             "set halving_min=0 and ucb_pulls=0")
+        if self.halving_min > 0 and self.ucb_pulls > 0:
+            raise ValueError("APE races by successive halving (halving_min) or by UCB (ucb_pulls), not both")
+        if self.ucb_pulls > 0 and min(self.ucb_pull_size, self.ucb_per_round, self.ucb_finalists) < 1:
+            raise ValueError("APE's UCB race needs ucb_pull_size, ucb_per_round and ucb_finalists >= 1")
 
     def needs(self) -> Needs:
         return PROPOSER_WRITES
@@ -116,7 +138,7 @@ class APE:
             raw, banned, extra = self._resample(state, proposer, rng), [], []
         seen = [t for t, _ in state.scored] + [t for t, _, _ in state.dropped]
         candidates = clean_candidates(raw, banned, seen) + [e for e in extra if e not in seen]
-        scored, dropped, n_eval = self._score(task, candidates, scorer)
+        scored, dropped, n_eval = self._score(task, candidates, scorer, rng)
         if self.score == "likelihood":
             dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
             state = replace(state, likelihood=state.likelihood + tuple(
@@ -150,10 +172,12 @@ class APE:
         )
         return [s for row in outs for s in row]
 
-    def _score(self, task: Task, candidates: list[str], scorer: LM):
+    def _score(self, task: Task, candidates: list[str], scorer: LM, rng: np.random.Generator):
         """``((text, score) on the whole dev subset, (text, score, n) stopped early, its size)``."""
         # A fixed dev subset (not redrawn per round) keeps scores comparable across rounds.
         dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
+        if self.ucb_pulls > 0 and len(candidates) > self.ucb_finalists:
+            return self._ucb(task, candidates, dev, scorer, rng)
         if self.halving_min <= 0 or not candidates:
             scores = score_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
             return tuple((c, s) for c, s in zip(candidates, scores)), (), len(dev)
@@ -161,6 +185,17 @@ class APE:
         full = set(race.finalists())
         scored = tuple((c, race.scores[i]) for i, c in enumerate(candidates) if i in full)
         dropped = tuple((c, race.scores[i], race.seen[i]) for i, c in enumerate(candidates) if i not in full)
+        return scored, dropped, len(dev)
+
+    def _ucb(self, task: Task, candidates: list[str], dev, scorer: LM, rng: np.random.Generator):
+        """The UCB race on random dev minibatches, then its finalists on the fixed dev subset."""
+        pull = minibatch_pull(task, candidates, self.ucb_pull_size, rng, scorer)
+        race = ucb_race(len(candidates), pull, self.ucb_pulls, self.ucb_per_round, rng, self.ucb_c)
+        top = race.top(self.ucb_finalists)
+        scores = score_prompts(task, [TextPrompt(candidates[i]) for i in top], dev, scorer)
+        scored = tuple((candidates[i], s) for i, s in zip(top, scores))
+        dropped = tuple((c, race.means[i], race.counts[i] * self.ucb_pull_size)
+                        for i, c in enumerate(candidates) if i not in set(top))
         return scored, dropped, len(dev)
 
     def _report(self, state: APEState, scored, dropped, n: int) -> Report:

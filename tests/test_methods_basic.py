@@ -152,3 +152,20 @@ def test_ape_likelihood_score_ranks_by_the_gold_outputs_log_probability():
     assert gold_likelihood(task, [], task.dev, lm) == []
     with pytest.raises(ValueError, match="halving_min=0"):
         APE(score="likelihood", halving_min=8)
+
+
+def test_ape_ucb_race_spends_its_pulls_and_scores_only_its_finalists_in_full():
+    """The reference's bandit evaluation (configs/bandits.yaml): UCB over dev minibatches, here
+    with the finalists scored on the fixed dev subset; the old APE had no such race."""
+    task = planted_task(n_dev=64)
+    lm = PlantedLM()
+    method = APE(n_prompts=12, n_eval=0, ucb_pulls=30, ucb_pull_size=4, ucb_per_round=6, ucb_finalists=3)
+    state, reports = run(method, task, lm, steps=1)
+    assert len(state.scored) == 3 and len(state.scored) + len(state.dropped) == len(set(t for t, *_ in state.scored + state.dropped))
+    assert all(n % 4 == 0 and n <= 30 * 4 for _, _, n in state.dropped)
+    full, _ = run(APE(n_prompts=12, n_eval=0), task, PlantedLM(), steps=1)
+    best_full = max(s for _, s in full.scored)
+    assert max(s for _, s in state.scored) >= best_full - 0.1  # the race keeps a near-best candidate
+    assert {e.kind for e in reports[0].evaluated} == {"candidate", "dropped"}
+    with pytest.raises(ValueError, match="not both"):
+        APE(ucb_pulls=10, halving_min=8)
