@@ -97,26 +97,32 @@ def test_a_wrong_width_is_a_clear_error(lm):
         lm.loglikelihood(Request.batch([("a", " b")], PrefixPrompt(np.zeros((2, 10), np.float32))))
 
 
-def test_prefix_tuning_lowers_the_loss_and_keeps_its_state_picklable(lm):
+def _trained(lm, method, task, steps: int = 10):
+    """``(first prompt, state after steps and a pickle round trip, last report, label loss of a prefix)``;
+    the first prompt is checked to be the states of the init text."""
     import pickle
 
-    task = planted_task(n_train=32, n_dev=16)
-    method = SoftPromptTuning(space="prefix", n_virtual=4, init_text="the the", lr=0.2, batch_size=32,
-                              eval_every=10, n_eval=0)
     rng = np.random.default_rng(0)
     state = method.init(task, lm, lm, rng)
     first = method.best(state)
-    assert isinstance(first, PrefixPrompt) and first.key_values.shape == (4, lm.kv_shape.width)
     np.testing.assert_allclose(first.key_values, lm.prefix_states("the the the the")[:4], rtol=1e-6)
-    assert slot_text(first) == "" and "{instruction}" in task.template
     reqs = label_requests(task, task.train, "")
 
     def loss(p):
         return float(-lm.loglikelihood(Request.batch(reqs, PrefixPrompt(p))).mean())
 
-    for _ in range(10):
+    for _ in range(steps):
         state, report = method.step(state, task, lm, lm, rng)
-    state = pickle.loads(pickle.dumps(state))
+    return first, pickle.loads(pickle.dumps(state)), report, loss
+
+
+def test_prefix_tuning_lowers_the_loss_and_keeps_its_state_picklable(lm):
+    task = planted_task(n_train=32, n_dev=16)
+    method = SoftPromptTuning(space="prefix", n_virtual=4, init_text="the the", lr=0.2, batch_size=32,
+                              eval_every=10, n_eval=0)
+    first, state, report, loss = _trained(lm, method, task)
+    assert isinstance(first, PrefixPrompt) and first.key_values.shape == (4, lm.kv_shape.width)
+    assert slot_text(first) == "" and "{instruction}" in task.template
     assert loss(method._forward(state.params)[0]) < 0.8 * loss(first.key_values)
     best = method.best(state)
     assert isinstance(best, PrefixPrompt) and best.origin == "the the"
@@ -145,8 +151,6 @@ def test_text_init_without_any_text_says_what_to_set(lm):
 def test_prefix_projection_is_pefts_prefix_encoder_and_starts_at_the_instructions_states(lm):
     """Fails on the old behaviour (prefix states trained directly, no reparameterization): Li &
     Liang's MLP over smaller embeddings, PEFT's PrefixEncoder(prefix_projection=True)."""
-    import pickle
-
     import torch
     from peft import PrefixTuningConfig
     from peft.tuners.prefix_tuning.model import PrefixEncoder
@@ -156,18 +160,8 @@ def test_prefix_projection_is_pefts_prefix_encoder_and_starts_at_the_instruction
     task = planted_task(n_train=32, n_dev=16)
     method = SoftPromptTuning(space="prefix", encoder="projection", encoder_hidden=8, n_virtual=4,
                               init_text="the the", lr=0.05, batch_size=32, eval_every=10, n_eval=0)
-    rng = np.random.default_rng(0)
-    state = method.init(task, lm, lm, rng)
-    start = method.best(state).key_values
-    np.testing.assert_allclose(start, lm.prefix_states("the the the the")[:4], rtol=1e-6)  # residual: the baseline
-    reqs = label_requests(task, task.train, "")
-
-    def loss(p):
-        return float(-lm.loglikelihood(Request.batch(reqs, PrefixPrompt(p))).mean())
-
-    for _ in range(10):
-        state, _ = method.step(state, task, lm, lm, rng)
-    state = pickle.loads(pickle.dumps(state))
+    first, state, _, loss = _trained(lm, method, task)  # residual: it starts at the baseline
+    start = first.key_values
     np.testing.assert_array_equal(state.params[0], start)  # the offset never moves; the encoder does
     assert loss(method._forward(state.params)[0]) < 0.8 * loss(start)
     # without the residual offset it is PEFT's encoder, output for output
