@@ -115,7 +115,7 @@ def _search(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         metrics = {**report.metrics, **_usage(run, scorer, proposer)}
         metrics["progress"] = _share_done(run["step"], metrics["scorer_examples"], cap, ctx.max_steps, method)
         _progress(spec, run, metrics, cap)
-        _watch(live, method, run, metrics, report, scorer)
+        _watch(live, method, run, metrics, report, scorer, trial_label(spec))
         _report_with_checkpoint(metrics, run, scorer, proposer)
 
 
@@ -127,12 +127,21 @@ def _share_done(step: int, examples: float, cap: int | None, max_steps: int, met
     return min(1.0, max(shares))
 
 
-def _watch(live: LiveLog, method, run: dict, metrics: dict, report, scorer: RoleLM) -> None:
-    """The step's rows for the trial's live view (and W&B run), kept in the checkpoint."""
-    snapshot = method.snapshot(run["state"]) if hasattr(method, "snapshot") else Snapshot()
-    history, per_step = step_rows(run["step"], run["dev_score"], method.best(run["state"]), snapshot,
-                                  report.evaluated, live.decoder(scorer.unbudgeted.decode))
-    live.record(run["step"], metrics, history, per_step)
+def _watch(live: LiveLog, method, run: dict, metrics: dict, report, scorer: RoleLM, label: str = "") -> None:
+    """The step's rows for the trial's live view (and W&B run), kept in the checkpoint.
+
+    Watching must never end a search: a failure here is one line, and the trial goes on
+    without its W&B run.
+    """
+    try:
+        snapshot = method.snapshot(run["state"]) if hasattr(method, "snapshot") else Snapshot()
+        history, per_step = step_rows(run["step"], run["dev_score"], method.best(run["state"]), snapshot,
+                                      report.evaluated, live.decoder(scorer.unbudgeted.decode))
+        live.record(run["step"], metrics, history, per_step)
+    except Exception as err:  # noqa: BLE001 - logged, and the search goes on
+        print(f"[{label}] live view failed at step {run['step']} ({type(err).__name__}: {err}); "
+              "W&B logging is off for the rest of this trial", flush=True)
+        live.run = None
     run["live"] = live.state()
 
 

@@ -165,3 +165,18 @@ def test_the_reader_needs_a_run_directory(bad, capsys):
 
     assert main(bad) == 2
     assert "usage: python -m pipelines.live RUN_DIR" in capsys.readouterr().err
+
+
+def test_a_failing_live_view_never_ends_the_search(capsys):
+    """A method whose best() fails mid-search (or a W&B error) costs one line, not the trial."""
+    from pipelines.trial import _watch
+
+    class Broken:
+        def best(self, state):
+            raise RuntimeError("no best yet")
+
+    run = {"step": 3, "dev_score": 0.5, "state": None}
+    live = LiveLog(run=Recorder())
+    _watch(live, Broken(), run, {"dev_score": 0.5}, type("R", (), {"evaluated": ()})(), None, "opro seed=0")
+    assert live.run is None and "live" in run
+    assert "[opro seed=0] live view failed at step 3 (RuntimeError: no best yet)" in capsys.readouterr().out
