@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ray.tune import Callback
 
+from pipelines.lm.budget import share_spent
 from pipelines.summary import trial_label
 from pipelines.trial import apply_samples
 
@@ -60,8 +61,8 @@ def row(trial, cap: int | None, max_steps: int) -> Row:
         share = 1.0
     elif "progress" in result:  # the trial's own: it also knows the steps its method plans
         share = float(result["progress"])
-    else:
-        share = max(step / max_steps if max_steps else 0.0, examples / cap if cap else 0.0)
+    else:  # a report from before trials sent their progress
+        share = share_spent(step, examples, cap, max_steps)
     return Row(trial_label(spec) if spec else str(trial), status, step, float(result.get("dev_score", math.nan)),
                examples, int(result.get("scorer_calls", 0) or 0), float(result.get("wall_s", 0.0) or 0.0),
                min(share, 1.0), tested)

@@ -23,7 +23,7 @@ from methods.base import Snapshot
 from methods.evaluate import calibrated, headline, predict_raw_and_calibrated
 from methods.lm import EXPORT_PROMPT, PrefixPrompt, SoftPrompt, TokenPrompt
 from methods.racing import prediction_dtype
-from pipelines.lm.budget import Budget, BudgetExhausted, Price
+from pipelines.lm.budget import Budget, BudgetExhausted, Price, share_spent
 from pipelines.lm.pool import connect
 from pipelines.lm.stack import RoleLM, role_lm
 from pipelines.live import LiveLog, start_run, step_rows
@@ -113,18 +113,11 @@ def _search(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         run["dev_score"] = float(report.metrics.get("dev_score", float("nan")))
         log.append(_records(spec, trial_id, run, report, scorer, proposer))
         metrics = {**report.metrics, **_usage(run, scorer, proposer)}
-        metrics["progress"] = _share_done(run["step"], metrics["scorer_examples"], cap, ctx.max_steps, method)
+        planned = method.planned_steps() if hasattr(method, "planned_steps") else 0
+        metrics["progress"] = share_spent(run["step"], metrics["scorer_examples"], cap, ctx.max_steps, planned)
         _progress(spec, run, metrics, cap)
         _watch(live, method, run, metrics, report, scorer, trial_label(spec))
         _report_with_checkpoint(metrics, run, scorer, proposer)
-
-
-def _share_done(step: int, examples: float, cap: int | None, max_steps: int, method) -> float:
-    """How far the trial's search is, in [0, 1]: the furthest of its budget, its step cap and
-    the steps the method plans (for the progress view's time estimate)."""
-    planned = method.planned_steps() if hasattr(method, "planned_steps") else 0
-    shares = [step / max_steps if max_steps else 0.0, examples / cap if cap else 0.0, step / planned if planned else 0.0]
-    return min(1.0, max(shares))
 
 
 def _watch(live: LiveLog, method, run: dict, metrics: dict, report, scorer: RoleLM, label: str = "") -> None:

@@ -154,11 +154,10 @@ def test_an_unknown_mode_is_refused():
 def test_a_trial_reports_the_furthest_of_budget_step_cap_and_planned_steps():
     from methods.ape import APE
     from methods.manual import Manual
-    from methods.opro import OPRO
-    from pipelines.trial import _share_done
+    from pipelines.lm.budget import share_spent
 
-    assert _share_done(1, 100, None, 20, Manual()) == 1.0  # one planned step
-    assert _share_done(1, 448, None, 20, APE(rounds=1)) == 0.5
-    assert _share_done(2, 600, 1000, 20, OPRO()) == 0.6  # open-ended: the budget
-    assert _share_done(5, 100, 1000, 10, OPRO()) == 0.5  # the step cap
-    assert _share_done(30, 2000, 1000, 10, OPRO()) == 1.0
+    assert share_spent(1, 100, None, 20, Manual().planned_steps()) == 1.0  # one planned step
+    assert share_spent(1, 448, None, 20, APE(rounds=1).planned_steps()) == 0.5
+    assert share_spent(2, 600, 1000, 20) == 0.6  # open-ended: the budget
+    assert share_spent(5, 100, 1000, 10) == 0.5  # the step cap
+    assert share_spent(30, 2000, 1000, 10) == 1.0

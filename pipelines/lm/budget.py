@@ -159,6 +159,13 @@ def scored_examples(requests) -> int:
     return len({(r[0], r[2] if len(r) > 2 else None) for r in requests})
 
 
+def share_spent(step: int, examples: float, cap: int | None, max_steps: int, planned: int = 0) -> float:
+    """How far a trial's search is, in [0, 1]: the furthest of its example-evaluations against
+    its cap, its steps against the step cap and its steps against those its method plans."""
+    shares = [step / max_steps if max_steps else 0.0, examples / cap if cap else 0.0, step / planned if planned else 0.0]
+    return min(1.0, max(shares))
+
+
 class BudgetedLM:
     """An ``LM`` that refuses to start a call once its role's budget is used up.
 
