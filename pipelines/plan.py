@@ -98,13 +98,13 @@ def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: 
 
 
 def check_progress(progress: dict) -> None:
-    from pipelines.progress import MODES
+    """The progress settings, checked by the view itself (built once here, before Ray starts)."""
+    from pipelines.progress import SweepProgress
 
-    if progress.get("mode", "auto") not in MODES:
-        raise UserError(f"progress.mode must be one of {', '.join(MODES)}, not {progress.get('mode')!r}")
-    interval = progress.get("interval_s", 30)
-    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0:
-        raise UserError(f"progress.interval_s must be a number of seconds > 0, not {interval!r}")
+    try:
+        SweepProgress(None, 1, mode=progress.get("mode", "auto"), interval_s=progress.get("interval_s", 30))
+    except ValueError as err:
+        raise UserError(str(err)) from err
 
 
 def capabilities(plain: dict) -> dict[str, frozenset[str]]:

@@ -162,6 +162,8 @@ class SweepProgress(Callback):
     def __init__(self, cap: int | None, max_steps: int, mode: str = "auto", interval_s: float = 30.0) -> None:
         if mode not in MODES:
             raise ValueError(f"progress.mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if not isinstance(interval_s, (int, float)) or isinstance(interval_s, bool) or not interval_s > 0:
+            raise ValueError(f"progress.interval_s must be a number of seconds > 0, not {interval_s!r}")
         self.cap, self.max_steps, self.mode, self.interval_s = cap, int(max_steps), mode, float(interval_s)
         self._reset()
 

@@ -240,7 +240,7 @@ def _trainable(cfg: dict, ctx: TrialContext):
 def progress_view(cfg: dict, ctx: TrialContext) -> SweepProgress:
     progress = cfg.get("progress") or {}
     return SweepProgress(Budget.parse(ctx.budget).scorer.examples, ctx.max_steps,
-                         mode=progress.get("mode", "auto"), interval_s=float(progress.get("interval_s", 30)))
+                         mode=progress.get("mode", "auto"), interval_s=progress.get("interval_s", 30))
 
 
 def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialContext):
