@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ray.tune import Callback
 
@@ -173,7 +173,7 @@ class SweepProgress(Callback):
         self._share_at_start: float | None = None
         self._live = None
         self._printed_at = -math.inf
-        self._printed_counts: dict | None = None
+        self._printed_key: dict | None = None
         self._drawn_at = -math.inf
 
     def __getstate__(self) -> dict:
@@ -217,27 +217,42 @@ class SweepProgress(Callback):
             self._live = None
 
     def _show(self, trials: list, final: bool = False) -> None:
+        """Redraw (live) or print (plain) when due. Tune calls this on every pass of its loop,
+        so the rows are only built when something will be shown."""
         mode = self._resolved_mode()
         if mode == "off":
             return
         now = time.monotonic()
+        if mode == "live":
+            due = self._live is not None and (final or now - self._drawn_at >= 0.5)
+        else:
+            key = counts(_statuses(trials, self._total))
+            if final and key == self._printed_key:
+                return  # the last lines printed already say it
+            whole = final or now - self._printed_at >= self.interval_s
+            due = whole or key != self._printed_key  # on a start or end: the headline only
+        if not due and self._share_at_start is not None:
+            return
         rows = [row(t, self.cap, self.max_steps) for t in trials]
         rows += [NOT_CREATED] * max(0, self._total - len(rows))
         if self._share_at_start is None and rows:  # a resumed sweep starts part-way
             self._share_at_start = sum(r.share for r in rows) / len(rows)
+        if not due:
+            return
         elapsed = now - self._start
         eta = eta_s(rows, elapsed, self._share_at_start or 0.0)
         if mode == "live":
-            if self._live is not None and (final or now - self._drawn_at >= 0.5):
-                self._live.update(table(rows, elapsed, eta, self.cap, self.max_steps), refresh=True)
-                self._drawn_at = now
+            self._live.update(table(rows, elapsed, eta, self.cap, self.max_steps), refresh=True)
+            self._drawn_at = now
             return
-        c = counts(rows)
-        if final and c == self._printed_counts:
-            return  # the last lines printed already say it
-        if final or now - self._printed_at >= self.interval_s:
-            print(*plain_lines(rows, elapsed, eta, self.cap, self.max_steps), sep="\n", flush=True)
-            self._printed_at, self._printed_counts = now, c
-        elif c != self._printed_counts:  # a trial started or ended: the headline only
-            print(plain_lines(rows, elapsed, eta, self.cap, self.max_steps)[0], flush=True)
-            self._printed_counts = c
+        lines = plain_lines(rows, elapsed, eta, self.cap, self.max_steps)
+        print(*(lines if whole else lines[:1]), sep="\n", flush=True)
+        self._printed_key = key
+        if whole:
+            self._printed_at = now
+
+
+def _statuses(trials: list, total: int) -> list[Row]:
+    """Rows holding only what :func:`counts` reads (status, tested): cheap enough for every pass."""
+    rows = [replace(NOT_CREATED, status=str(t.status), tested="test_score" in (t.last_result or {})) for t in trials]
+    return rows + [NOT_CREATED] * max(0, total - len(rows))
