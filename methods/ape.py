@@ -150,14 +150,7 @@ class APE:
         return new, self._report(new, scored, dropped, n_eval)
 
     def _propose(self, task: Task, proposer: LM, rng: np.random.Generator):
-        demo_sets = [subsample(task.train, self.n_demos, rng) for _ in range(self.n_prompts)]
-        contexts = [FORWARD_TEMPLATE.format(demos=demo_block(task, d)) for d in demo_sets]
-        outs = proposer.generate(
-            contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            seed=int(rng.integers(2**31)), stop=("\n\n", "Input:"),
-        )
-        banned = input_texts([ex for d in demo_sets for ex in d])
-        return [o[0] for o in outs], banned
+        return forward_proposals(task, proposer, rng, self.n_prompts, self.n_demos, self.max_new_tokens, self.temperature)
 
     def _ranking(self, state: APEState) -> tuple[tuple[str, float], ...]:
         """What candidates are ranked by: their metric, or their likelihood."""
@@ -224,6 +217,21 @@ class APE:
 
     def done(self, state: APEState) -> bool:
         return state.round > self.rounds
+
+
+def forward_proposals(task: Task, proposer: LM, rng: np.random.Generator, n: int, n_demos: int,
+                      max_new_tokens: int, temperature: float) -> tuple[list[str], list[str]]:
+    """``n`` instructions induced with APE's forward template, each from its own draw of
+    ``n_demos`` train demos, in one generate call; and the demos' inputs (proposals must not copy them)."""
+    demo_sets = [subsample(task.train, n_demos, rng) for _ in range(n)]
+    if not demo_sets:
+        return [], []
+    contexts = [FORWARD_TEMPLATE.format(demos=demo_block(task, d)) for d in demo_sets]
+    outs = proposer.generate(
+        contexts, max_new_tokens=max_new_tokens, temperature=temperature,
+        seed=int(rng.integers(2**31)), stop=("\n\n", "Input:"),
+    )
+    return [o[0] for o in outs], input_texts([ex for d in demo_sets for ex in d])
 
 
 def gold_likelihood(task: Task, instructions: list[str], examples, scorer: LM) -> list[float]:

@@ -30,12 +30,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from methods.ape import FORWARD_TEMPLATE, RESAMPLE_TEMPLATE
+from methods.ape import RESAMPLE_TEMPLATE, forward_proposals
 from methods.base import Evaluated, Report, Snapshot, ranked
-from methods.evaluate import score_prompts, subsample
+from methods.evaluate import score_prompts
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
-from methods.text import clean_candidates, clean_one, demo_block, input_texts
+from methods.text import clean_candidates, clean_one
 from tasks.core import Task
 
 # The one-shot demonstrations' prompts: a neutral text-simplification example, so no task's
@@ -212,16 +212,10 @@ class EvoPrompt:
 
     def _pool(self, state: EvoState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         """Step 1 of ``para_topk``: the seed and ``init_pool`` APE proposals, scored in one call."""
-        demo_sets = [subsample(task.train, self.n_demos, rng) for _ in range(self.init_pool)]
-        contexts = [FORWARD_TEMPLATE.format(demos=demo_block(task, d)) for d in demo_sets]
-        outs = proposer.generate(
-            contexts, max_new_tokens=40, temperature=max(self.temperature, 0.9),
-            seed=int(rng.integers(2**31)), stop=("\n\n", "Input:"),
-        ) if contexts else []
-        banned = input_texts([ex for d in demo_sets for ex in d])
-        texts = [task.instruction] + clean_candidates([o[0] for o in outs], banned, [task.instruction])
+        raws, banned = forward_proposals(task, proposer, rng, self.init_pool, self.n_demos, 40, max(self.temperature, 0.9))
+        texts = [task.instruction] + clean_candidates(raws, banned, [task.instruction])
         pool, evaluated = self._score(texts, task, scorer, "init")
-        new = replace(state, pool=tuple(sorted(pool, key=lambda p: -p[1])), step=1, proposed=len(outs),
+        new = replace(state, pool=tuple(sorted(pool, key=lambda p: -p[1])), step=1, proposed=len(raws),
                       usable=len(texts) - 1)
         return new, Report(self._metrics(new), evaluated)
 
