@@ -37,37 +37,51 @@ def _module(n_virtual: int, width: int, hidden: int):
     return PromptEncoder(config).double()
 
 
-def init_lstm(prompt: np.ndarray, hidden: int, rng: np.random.Generator) -> Arrays:
-    """A fresh encoder's weights, its input embeddings set to ``prompt`` ``[n, d]`` (e.g. the text init)."""
+def _seeded(build, rng: np.random.Generator):
+    """``build()`` with torch's RNG seeded from ``rng``, leaving the global torch RNG as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(2**31)))
-        module = _module(prompt.shape[0], prompt.shape[1], hidden)
-    weights = [v.detach().numpy().astype(np.float32) for v in module.state_dict().values()]
+        return build()
+
+
+def _weights(module) -> list[np.ndarray]:
+    """A module's weights as float32 arrays, in ``state_dict`` order (what a state keeps)."""
+    return [v.detach().numpy().astype(np.float32) for v in module.state_dict().values()]
+
+
+def _load(module, weights: Sequence[np.ndarray]):
+    """``module`` with ``weights`` (in ``state_dict`` order) loaded, in float64."""
+    module.load_state_dict({k: torch.from_numpy(np.asarray(w, dtype=np.float64))
+                            for k, w in zip(module.state_dict(), weights)})
+    return module
+
+
+def _grads(module, out, grad: np.ndarray) -> list[np.ndarray]:
+    """Each weight's gradient (``state_dict`` order), given ``grad`` with respect to ``out``."""
+    out.backward(torch.from_numpy(np.asarray(grad, dtype=np.float64)))
+    return [p.grad.numpy().astype(np.float32) if p.grad is not None else np.zeros(tuple(p.shape), np.float32)
+            for p in module.state_dict(keep_vars=True).values()]
+
+
+def init_lstm(prompt: np.ndarray, hidden: int, rng: np.random.Generator) -> Arrays:
+    """A fresh encoder's weights, its input embeddings set to ``prompt`` ``[n, d]`` (e.g. the text init)."""
+    weights = _weights(_seeded(lambda: _module(prompt.shape[0], prompt.shape[1], hidden), rng))
     weights[0] = np.asarray(prompt, dtype=np.float32).copy()  # embedding.weight comes first
     return tuple(weights)
 
 
-def _loaded(params: Sequence[np.ndarray], hidden: int):
-    n, width = params[0].shape
-    module = _module(n, width, hidden)
-    module.load_state_dict({k: torch.from_numpy(np.asarray(p, dtype=np.float64))
-                            for k, p in zip(module.state_dict(), params)})
-    return module
-
-
 def lstm_forward(params: Sequence[np.ndarray], hidden: int):
     """The virtual tokens ``[n, d]`` float32, and what :func:`lstm_backward` needs."""
-    module = _loaded(params, hidden)
-    out = module(torch.arange(params[0].shape[0]))
+    n, width = params[0].shape
+    module = _load(_module(n, width, hidden), params)
+    out = module(torch.arange(n))
     return out.detach().numpy().astype(np.float32), (module, out)
 
 
 def lstm_backward(cache, grad: np.ndarray) -> Arrays:
     """The gradient of each weight (in ``params`` order), given the gradient wrt the virtual tokens."""
     module, out = cache
-    out.backward(torch.from_numpy(np.asarray(grad, dtype=np.float64)))
-    return tuple(p.grad.numpy().astype(np.float32) if p.grad is not None else np.zeros(tuple(p.shape), np.float32)
-                 for p in module.state_dict(keep_vars=True).values())
+    return tuple(_grads(module, out, grad))
 
 
 def _prefix_module(n_virtual: int, width: int, hidden: int, zero_last: bool):
@@ -87,19 +101,15 @@ def init_projection(prefix: np.ndarray, hidden: int, residual: bool, rng: np.ran
     """``(offset, *encoder weights)``: the offset is ``prefix`` with ``residual`` (never trained), else zero."""
     if prefix.shape[1] % 2:
         raise ValueError(f"a prefix row has an even width (layers x keys and values), got {prefix.shape[1]}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(rng.integers(2**31)))
-        module = _prefix_module(prefix.shape[0], prefix.shape[1], hidden, zero_last=residual)
+    module = _seeded(lambda: _prefix_module(prefix.shape[0], prefix.shape[1], hidden, zero_last=residual), rng)
     offset = np.asarray(prefix, dtype=np.float32).copy() if residual else np.zeros(prefix.shape, np.float32)
-    return (offset, *(v.detach().numpy().astype(np.float32) for v in module.state_dict().values()))
+    return (offset, *_weights(module))
 
 
 def projection_forward(params: Sequence[np.ndarray], hidden: int):
     """The prefix ``[n, width]`` float32 (offset + the projection's output), and what backward needs."""
     offset, weights = params[0], params[1:]
-    module = _prefix_module(offset.shape[0], offset.shape[1], hidden, zero_last=False)
-    module.load_state_dict({k: torch.from_numpy(np.asarray(w, dtype=np.float64))
-                            for k, w in zip(module.state_dict(), weights)})
+    module = _load(_prefix_module(offset.shape[0], offset.shape[1], hidden, zero_last=False), weights)
     out = module(torch.arange(offset.shape[0]))
     return (out.detach().numpy() + offset).astype(np.float32), (module, out, offset.shape)
 
@@ -107,7 +117,4 @@ def projection_forward(params: Sequence[np.ndarray], hidden: int):
 def projection_backward(cache, grad: np.ndarray) -> Arrays:
     """Gradients in ``params`` order; the offset's is zero (it stays the initial states)."""
     module, out, shape = cache
-    out.backward(torch.from_numpy(np.asarray(grad, dtype=np.float64)))
-    grads = [p.grad.numpy().astype(np.float32) if p.grad is not None else np.zeros(tuple(p.shape), np.float32)
-             for p in module.state_dict(keep_vars=True).values()]
-    return (np.zeros(shape, np.float32), *grads)
+    return (np.zeros(shape, np.float32), *_grads(module, out, grad))
