@@ -201,8 +201,13 @@ def run_dirs(wandb_dir: Path, run_id: str | None = None) -> list[Path]:
         return []
     dirs = [d for d in wandb_dir.iterdir() if d.is_dir() and d.name.startswith(("offline-run-", "run-"))]
     if run_id is not None:
-        dirs = [d for d in dirs if d.name.rsplit("-", 1)[-1] == run_id]
+        dirs = [d for d in dirs if folder_run_id(d) == run_id]
     return sorted(dirs, key=_started)
+
+
+def folder_run_id(folder: Path) -> str:
+    """The run id a W&B run folder is named after (``offline-run-YYYYMMDD_HHMMSS-ID``)."""
+    return folder.name.rsplit("-", 1)[-1]
 
 
 def _started(folder: Path) -> str:
@@ -229,9 +234,14 @@ def history(recs: list[dict]) -> list[dict]:
     return [r["history"]["item"] for r in recs if r.get("type") == "history"]
 
 
+def steps(recs: list[dict]) -> list[int]:
+    """The steps one session logged, in order."""
+    return [int(h["_step"]) for h in history(recs) if "_step" in h]
+
+
 def logged_steps(wandb_dir: Path, run_id: str) -> list[int]:
     """Every step ``run_id`` has logged, over all its sessions (a resumed run has several)."""
-    return [int(h["_step"]) for d in run_dirs(wandb_dir, run_id) for h in history(records(d)) if "_step" in h]
+    return [s for d in run_dirs(wandb_dir, run_id) for s in steps(records(d))]
 
 
 def run_info(recs: list[dict]) -> dict:
@@ -259,18 +269,18 @@ def show(run_dir: Path, trial: str = "", table: str = "", width: int = 80) -> st
     wandb_dir = run_dir / "wandb"
     by_id: dict[str, list[Path]] = {}
     for d in run_dirs(wandb_dir):
-        by_id.setdefault(d.name.rsplit("-", 1)[-1], []).append(d)
+        by_id.setdefault(folder_run_id(d), []).append(d)
     lines = []
     for run_id, folders in by_id.items():
         recs = [records(d) for d in folders]
         info = next((i for i in map(run_info, recs) if i), {})
         if trial and trial not in f"{run_id} {info.get('name') or ''}":
             continue
-        steps = [[int(h["_step"]) for h in history(r) if "_step" in h] for r in recs]
-        flat = [s for session in steps for s in session]
+        sessions = [steps(r) for r in recs]
+        flat = [s for session in sessions for s in session]
         twice = sorted({s for s in flat if flat.count(s) > 1})
         lines.append(f"run {run_id} {info.get('name') or ''} (group {info.get('group')}, {info.get('job_type')}): "
-                     f"{len(folders)} session(s), steps {_spans(steps)}" + (f"; LOGGED TWICE: {twice}" if twice else ""))
+                     f"{len(folders)} session(s), steps {_spans(sessions)}" + (f"; LOGGED TWICE: {twice}" if twice else ""))
         if table:
             got = last_table(folders[-1], recs[-1], table)
             if got:

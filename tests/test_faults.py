@@ -128,13 +128,13 @@ def test_sigint_then_resume_finishes_in_place_with_nothing_lost_or_repeated(tmp_
 
 def _wandb_steps(run_dir) -> dict[str, list[list[int]]]:
     """Each trial's W&B run (by trial id): the steps each of its sessions logged, oldest first."""
-    from pipelines.live import history, records, run_dirs
+    from pipelines.live import folder_run_id, records, run_dirs, steps
 
     out: dict[str, list[list[int]]] = {}
     for folder in run_dirs(run_dir / "wandb"):
-        run_id = folder.name.rsplit("-", 1)[-1]
+        run_id = folder_run_id(folder)
         if "_" in run_id:  # a Tune trial id; the comparison run has W&B's own id
-            out.setdefault(run_id, []).append([h["_step"] for h in history(records(folder))])
+            out.setdefault(run_id, []).append(steps(records(folder)))
     return out
 
 
