@@ -144,3 +144,73 @@ def resumed_and_uninterrupted(method, task: Task, make_lm, steps: int = 4, split
     for _ in range(steps - split):
         state, _ = method.step(state, task, lm, lm, rng)
     return state, full
+
+
+class FewShotPlantedLM(PlantedLM):
+    """:class:`PlantedLM` for instructions that carry few-shot workings out ("Input: ...\\nOutput: ...")
+    before them: the scored input is the *last* "Input: " of a context, and everything before it
+    counts as the instruction (so demonstrations are read as instruction words, never as the input)."""
+
+    def _ll(self, context: str, continuation: str, prompt) -> float:
+        instruction, sep, rest = context.rpartition("\nInput: ")
+        shielded = instruction.replace("\nInput: ", "\nInput- ")  # the demos' inputs are not the input
+        return super()._ll(f"{shielded}{sep}{rest}", continuation, prompt)
+
+
+# ---------------------------------------------------------------------- a generative twin
+
+GEN_TEMPLATE = "{instruction}\nInput: {sentence}\nOutput:"
+
+
+def label_word(sentence: str) -> str:
+    """The answer a planted sentence states about itself ("case 3 is yes" -> "yes")."""
+    return "yes" if sentence.strip().endswith("yes") else "no"
+
+
+def planted_gen_task(n_train: int = 20, n_dev: int = 20, n_test: int = 20, seed: int = 0):
+    """The planted task as a generative one: the model writes the label word, exact match judges it."""
+    from tasks.generative import GenExample, GenTask
+
+    base = planted_task(n_train, n_dev, n_test, seed)
+
+    def gen(split):
+        return tuple(GenExample(dict(ex.inputs), (label_word(ex.inputs["sentence"]),)) for ex in split)
+
+    return GenTask(
+        name="planted_gen", template=GEN_TEMPLATE, instruction=base.instruction, train=gen(base.train),
+        dev=gen(base.dev), test=gen(base.test), metric="exact_match", max_new_tokens=4, stop=("\n",),
+    )
+
+
+class PlantedGenLM(PlantedLM):
+    """:class:`PlantedLM` that also answers the planted generative task and rates its outputs.
+
+    An answer context (``GEN_TEMPLATE``, a one-line instruction) gets the sentence's label word iff
+    the stable hash falls under the instruction's quality, else the other word. A rating context
+    (ending in ``"\\nRating:"``, lines ``Input:`` and ``Output:``) has the top rating ``scale`` as its
+    truth when the output is the input's label word, else 1; the scorer gives the truth iff the hash
+    falls under the rating instruction's quality, else the other end of the scale. Every other
+    context is a meta-prompt, answered as :class:`PlantedLM` does.
+    """
+
+    def __init__(self, scale: int = 2) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def _ll(self, context: str, continuation: str, prompt) -> float:
+        if not context.endswith("\nRating:"):
+            return super()._ll(context, continuation, prompt)
+        instruction, _, rest = context.partition("\nInput: ")
+        lines = rest.split("\n")
+        good = lines[1].removeprefix("Output:").strip() == label_word(lines[0])
+        truth, other = (f" {self.scale}", " 1") if good else (" 1", f" {self.scale}")
+        said = truth if _unit(rest) < quality(instruction) else other
+        return 0.0 if continuation == said else -1.0
+
+    def _propose(self, context: str, rng: np.random.Generator) -> str:
+        instruction, sep, rest = context.rpartition("\nInput: ")
+        if not sep or "\n" in instruction or not context.endswith("\nOutput:"):
+            return super()._propose(context, rng)
+        right = label_word(rest.split("\n")[0])
+        wrong = "no" if right == "yes" else "yes"
+        return " " + (right if _unit(rest) < quality(instruction) else wrong)
