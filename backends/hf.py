@@ -212,16 +212,7 @@ class HFBackend:
         self._count(len(contexts))
         seed = np.random.SeedSequence().entropy if seed is None else seed
         draws = n if temperature > 0 else 1  # greedy completions are all the same
-        virtual, spliced, soft = None, None, None
-        if isinstance(prompt, PrefixPrompt):
-            virtual = self._prefix_tensor(prompt)
-        elif isinstance(prompt, SoftPrompt):
-            table = SoftTable()
-            spliced, soft = table.keys(prompt), self._soft(table.array())
-        elif isinstance(prompt, TokenPrompt):
-            spliced = tuple(int(i) for i in prompt.ids)
-        elif prompt is not None:
-            raise TypeError(f"generate takes a token, soft or prefix prompt, not {type(prompt).__name__}")
+        virtual, spliced, soft = self._spliced(prompt)
         keys = [self.encoder.context(c, spliced) for c in contexts]
         extra = 0 if virtual is None else virtual.shape[0]
         self._check_window(extra + max(map(len, keys), default=0) + max_new_tokens, "a prompt plus max_new_tokens")
@@ -251,6 +242,47 @@ class HFBackend:
             texts = self._sample([row.keys[start:] for row in part], shared, soft, gens, max_new_tokens, temperature, stop)
             out.update((jobs[k], t) for k, t in zip(idx, texts))
         return out
+
+    def answer_states(self, contexts: Sequence[str], prompt: SplicedPrompt | None = None) -> np.ndarray:
+        """Float32 ``[n, d_model]``: the final (normed) hidden state at each context's last position,
+        the state the LM head turns into the next token's logits.
+
+        ``prompt`` is spliced or placed first as in :meth:`generate`. Rows run in right-padded
+        token batches with no shared-prefix reuse: label search reads each example once.
+        """
+        contexts = list(contexts)
+        self._count(len(contexts))
+        virtual, spliced, soft = self._spliced(prompt)
+        rows = [Row(self.encoder.context(c, spliced), [(0, 0, i)]) for i, c in enumerate(contexts)]
+        self._check_window((0 if virtual is None else virtual.shape[0]) + max((len(r.keys) for r in rows), default=0),
+                           "a prompt")
+        out = np.zeros((len(rows), self.embed.weight.shape[1]), dtype=np.float32)
+        with torch.inference_mode():
+            layers = None if virtual is None else to_layers(virtual, self.kv_shape)
+            for batch in batches(rows, suffix_length(0), self.max_batch_tokens):
+                hidden = self._hidden(batch, 0, layers, soft, states=True)
+                last = torch.tensor([len(r.keys) - 1 for r in batch], device=hidden.device)
+                picked = hidden[torch.arange(len(batch), device=hidden.device), last]
+                out[[r.targets[0][2] for r in batch]] = picked.float().cpu().numpy()
+        return out
+
+    def output_embeddings(self) -> np.ndarray:
+        """The LM head's weight, float32 ``[vocab, d_model]`` (the input embeddings when they are tied)."""
+        weight = self.head.weight if self.head is not None else self.embed.weight
+        return weight.detach().float().cpu().numpy()
+
+    def _spliced(self, prompt: SplicedPrompt | None):
+        """``(prefix states, spliced keys, soft table)`` of a call's one prompt (each may be ``None``)."""
+        if isinstance(prompt, PrefixPrompt):
+            return self._prefix_tensor(prompt), None, None
+        if isinstance(prompt, SoftPrompt):
+            table = SoftTable()
+            return None, table.keys(prompt), self._soft(table.array())
+        if isinstance(prompt, TokenPrompt):
+            return None, tuple(int(i) for i in prompt.ids), None
+        if prompt is not None:
+            raise TypeError(f"a call takes a token, soft or prefix prompt, not {type(prompt).__name__}")
+        return None, None, None
 
     def token_embeddings(self) -> np.ndarray:
         """The input embedding matrix, float32 ``[vocab, d_model]``."""
@@ -349,8 +381,9 @@ class HFBackend:
         self._usage["padded_tokens"] += len(keys)
         return [(layer[0], layer[1]) for layer in cache]
 
-    def _hidden(self, batch: Sequence[Row], start: int, prefix: PrefixKV | None, soft) -> torch.Tensor:
-        """Final hidden states ``[b, L, d]`` of the rows' keys from ``start`` on (right-padded).
+    def _hidden(self, batch: Sequence[Row], start: int, prefix: PrefixKV | None, soft, states: bool = False) -> torch.Tensor:
+        """Final hidden states ``[b, L, d]`` of the rows' keys from ``start`` on (right-padded); the
+        logits instead for a model whose head does not reproduce them, unless ``states``.
 
         With right padding and causal attention a real token never attends to a pad, so no
         attention mask is needed; positions continue from the prefix (``start + arange``).
@@ -367,7 +400,7 @@ class HFBackend:
             kwargs["use_cache"] = False
         self._usage["forward_tokens"] += sum(len(r.keys) - start for r in batch)
         self._usage["padded_tokens"] += len(batch) * longest
-        if self._full_logits:
+        if self._full_logits and not states:
             return self.model(**kwargs).logits
         return self.decoder(**kwargs).last_hidden_state
 

@@ -9,7 +9,8 @@ usual single-token labels, an independence approximation for longer ones).
 Token or soft prompts are spliced at :data:`methods.lm.PROMPT_SLOT` as input embeddings, so
 ``prompt_grad`` gives the gradient with respect to the trigger or soft vectors. There is no
 sampling and no prefix path: it declares neither capability, so a masked LM can be the
-scorer of AutoPrompt, prompt tuning and P-tuning but never a proposer or a prefix-tuning scorer.
+scorer of AutoPrompt (with its label search: ``answer_states`` reads the state at a mask),
+prompt tuning and P-tuning but never a proposer or a prefix-tuning scorer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from methods.lm import (
-    PROMPT_GRAD, PROMPT_SLOT, TOKEN_EMBEDDINGS, PrefixPrompt, Request, SoftPrompt, SplicedPrompt, TokenPrompt,
+    ANSWER_STATES, PROMPT_GRAD, PROMPT_SLOT, TOKEN_EMBEDDINGS, PrefixPrompt, Request, SoftPrompt, SplicedPrompt, TokenPrompt,
 )
 
 # Prefix states are spliced into a causal model's key/value cache; this backend has no such path.
@@ -41,7 +42,7 @@ class MaskedLMBackend:
         max_batch: sequences per forward pass.
     """
 
-    capabilities = frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS})
+    capabilities = frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS, ANSWER_STATES})
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", max_batch: int = 32) -> None:
         from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -110,6 +111,34 @@ class MaskedLMBackend:
         """Input embedding matrix ``[vocab, d_model]``, float32."""
         return self.embed.weight.detach().float().cpu().numpy()
 
+    def answer_states(self, contexts: Sequence[str], prompt: SplicedPrompt | None = None) -> np.ndarray:
+        """Float32 ``[n, d]``: the state the MLM head's decoder reads at a ``[MASK]`` after each context
+        (after the head's transform, where the reference's label search reads it)."""
+        if isinstance(prompt, PrefixPrompt):
+            raise TypeError(PREFIX_NEEDS_CAUSAL)
+        rows, table = self._encode([Request(c, "", prompt) for c in contexts])
+        rows = [(keys, 1) for keys, _ in rows]  # one mask: where the answer's first token is predicted
+        seen: list[torch.Tensor] = []
+        # The head's decoder is a Linear over the transformed state: its input is what we want.
+        hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        out = []
+        try:
+            with torch.inference_mode():
+                soft = self._table(table)
+                for s in range(0, len(rows), self.max_batch):
+                    inputs, masks_at = self._masked_inputs(rows[s : s + self.max_batch], soft)
+                    seen.clear()
+                    self.model(**inputs)
+                    at = torch.tensor([m[0] for m in masks_at], device=self.device)
+                    out.append(seen[-1][torch.arange(len(at), device=self.device), at].float().cpu().numpy())
+        finally:
+            hook.remove()
+        return np.concatenate(out) if out else np.zeros((0, self.embed.weight.shape[1]), dtype=np.float32)
+
+    def output_embeddings(self) -> np.ndarray:
+        """The MLM head decoder's weight ``[vocab, d]``, float32."""
+        return self.model.get_output_embeddings().weight.detach().float().cpu().numpy()
+
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -152,8 +181,8 @@ class MaskedLMBackend:
             return None
         return torch.from_numpy(np.concatenate(table)).to(self.device, self.embed.weight.dtype)
 
-    def _mask_logprobs(self, rows: Sequence[Encoded], targets, soft: torch.Tensor | None) -> torch.Tensor:
-        """Summed log-probability of each row's target tokens at its masks: ``[len(rows)]``."""
+    def _masked_inputs(self, rows: Sequence[Encoded], soft: torch.Tensor | None) -> tuple[dict, list[range]]:
+        """Model inputs ``[CLS] context [MASK]*m [SEP]`` (padded) for the rows, and each row's mask positions."""
         tok = self.tokenizer
         seqs, masks_at = [], []
         for keys, m in rows:
@@ -165,13 +194,18 @@ class MaskedLMBackend:
         for i, s in enumerate(seqs):
             keys[i, : len(s)] = torch.tensor(s)
         attention = (torch.arange(width)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
-        embeds = self._embed(keys.to(self.device), soft)
-        logits = self.model(inputs_embeds=embeds, attention_mask=attention.to(self.device)).logits
+        inputs = {"inputs_embeds": self._embed(keys.to(self.device), soft), "attention_mask": attention.to(self.device)}
+        return inputs, masks_at
+
+    def _mask_logprobs(self, rows: Sequence[Encoded], targets, soft: torch.Tensor | None) -> torch.Tensor:
+        """Summed log-probability of each row's target tokens at its masks: ``[len(rows)]``."""
+        inputs, masks_at = self._masked_inputs(rows, soft)
+        logits = self.model(**inputs).logits
         # Half-precision logits are upcast; float64 models stay float64 (finite-difference tests).
         logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
         return torch.stack([
             sum((logp[i, pos, t] for pos, t in zip(masks_at[i], targets[i])), logp.new_zeros(()))
-            for i in range(len(seqs))
+            for i in range(len(rows))
         ])
 
     def _embed(self, keys: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:

@@ -14,8 +14,13 @@ Only ``prompt_grad``, ``loglikelihood``, ``token_embeddings``, ``tokenize`` and 
 are used, so any backend of the ``LM`` protocol (causal, or masked when the backend
 predicts the continuation at mask positions) can run it.
 
-Departures from the paper and its code, stated: label-token search (the paper's automatic
-verbalizer) is not done, the task's verbalizer is used as is; the default objective is the
+With ``search_labels=true`` the first steps are the paper's label-token search
+(:mod:`methods.label_search`) under the initial triggers, as the reference runs
+``label_search.py`` before ``create_trigger.py``: a linear probe on the answer state picks one
+label word per class, and the trigger search and the test score use them. The backend then
+needs ``answer_states`` as well.
+
+Departures from the paper and its code, stated: the default objective is the
 label NLL, where the reference ranks candidates by accuracy whenever a label map is given
 (``objective=accuracy``, as in ``autoprompt_paper.yaml``; it breaks ties by the label
 log-likelihood, because on a small batch many candidates tie on accuracy); dev is scored
@@ -34,7 +39,8 @@ import numpy as np
 
 from methods.base import Evaluated, Report, Snapshot
 from methods.evaluate import predictions, requests_for, score_prompts, subsample
-from methods.lm import LM, Needs, PROMPT_GRAD, PROMPT_SLOT, Request, TOKEN_EMBEDDINGS, TokenPrompt
+from methods.label_search import LabelSearch, LabelSearchState
+from methods.lm import ANSWER_STATES, LM, Needs, PROMPT_GRAD, PROMPT_SLOT, Request, TOKEN_EMBEDDINGS, TokenPrompt
 from tasks.core import Example, Task
 from tasks.generative import is_generative
 
@@ -53,6 +59,7 @@ class AutoPromptState:
         step: steps taken.
         slot: the next trigger position to flip when cycling through positions.
         accepted: how many steps replaced a token.
+        labels: the label search's state (``search_labels``), ``None`` before it starts or without it.
     """
 
     ids: tuple[int, ...]
@@ -64,6 +71,7 @@ class AutoPromptState:
     step: int = 0
     slot: int = 0
     accepted: int = 0
+    labels: LabelSearchState | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,10 @@ class AutoPrompt:
         n_eval: dev examples (a fixed subset) per evaluation; 0 means the whole dev split.
         fresh_eval_batch: score the candidates on a fresh draw of train examples, not on the
             examples that gave the gradient (whose loss the first-order estimate already favours).
+        search_labels: first choose the label words (:class:`methods.label_search.LabelSearch`).
+        label_pool, label_epochs, label_keep_original: the label search's ``n_train``, ``epochs``
+            and ``keep_original`` (its other settings are the reference's: Adam at 3e-4, batches
+            of 32; and whole words only).
     """
 
     n_triggers: int = 4
@@ -106,6 +118,10 @@ class AutoPrompt:
     eval_every: int = 5
     n_eval: int = 64
     fresh_eval_batch: bool = True
+    search_labels: bool = False
+    label_pool: int = 256
+    label_epochs: int = 10
+    label_keep_original: bool = True
 
     def __post_init__(self) -> None:
         if self.objective not in ("nll", "accuracy"):
@@ -114,13 +130,37 @@ class AutoPrompt:
             raise ValueError("n_triggers, n_candidates, batch_size and n_grad_batches must be >= 1")
 
     def needs(self) -> Needs:
-        return Needs(scorer=frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS}))
+        extra = {ANSWER_STATES} if self.search_labels else set()
+        return Needs(scorer=frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS, *extra}))
 
     def check_task(self, task) -> None:
         """On a generative task candidates are ranked by the gold answer's NLL: accuracy would
         mean generating for every candidate of every step."""
         if is_generative(task) and self.objective == "accuracy":
             raise ValueError("objective=accuracy needs label scoring; use objective=nll on a generative task")
+        if self.search_labels:
+            self._label_search().check_task(task)
+
+    def _label_search(self) -> LabelSearch:
+        return LabelSearch(n_train=self.label_pool, epochs=self.label_epochs, n_eval=self.n_eval,
+                           keep_original=self.label_keep_original)
+
+    def _searching_labels(self, state: AutoPromptState) -> bool:
+        return self.search_labels and (state.labels is None or not self._label_search().done(state.labels))
+
+    def task_for(self, state: AutoPromptState, task: Task) -> Task:
+        """``task`` with the label words the label search chose (``task`` itself without one)."""
+        return self._label_search().task_for(state.labels, task) if state.labels is not None else task
+
+    def _label_step(self, state: AutoPromptState, task: Task, scorer: LM, rng: np.random.Generator):
+        """One step of the label search under the current (initial) triggers."""
+        search = self._label_search()
+        sub = state.labels or search.start(TokenPrompt(state.ids, state.text))
+        sub, report = search.step(sub, task, scorer, scorer, rng)
+        new = replace(state, labels=sub)
+        if search.done(sub):  # the triggers' dev score with the chosen words is where the search starts
+            new = replace(new, best_ids=state.ids, best_text=state.text, best_dev=sub.best_dev)
+        return new, Report({**report.metrics, "label_search": 1.0}, report.evaluated)
 
     def init(self, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator) -> AutoPromptState:
         if self.init_token:
@@ -135,6 +175,9 @@ class AutoPrompt:
         return AutoPromptState(ids=ids, text=scorer.decode(ids))
 
     def step(self, state: AutoPromptState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
+        if self._searching_labels(state):
+            return self._label_step(state, task, scorer, rng)
+        task = self.task_for(state, task)
         batches = self._batches(task, rng)
         grad, grad_loss = self._grad(task, state.ids, batches, scorer)
         slot = int(rng.integers(self.n_triggers)) if self.random_slot else state.slot

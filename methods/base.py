@@ -81,6 +81,22 @@ class Planned(Protocol):
         ...
 
 
+class Relabels(Protocol[State]):
+    """Optional: a method that also chooses the task's label words (AutoPrompt's label search).
+
+    Its best prompt is meant to be read with them: the pipeline scores it on test with
+    ``task_for(state, task)`` instead of ``task``.
+    """
+
+    def task_for(self, state: State, task: Task) -> Task:
+        ...
+
+
+def final_task(method, state, task: Task) -> Task:
+    """The task ``method``'s best prompt is scored with: ``task``, relabeled if the method chose label words."""
+    return method.task_for(state, task) if hasattr(method, "task_for") else task
+
+
 def ranked(scored, limit: int = 0) -> tuple[tuple[str, float], ...]:
     """``(text, score)`` pairs best first (a stable sort: earlier first on a tie), at most ``limit`` (0: all)."""
     out = tuple(sorted(((str(t), float(s)) for t, s, *_ in scored), key=lambda p: -p[1]))

@@ -127,7 +127,8 @@ PROMPT_GRAD = "prompt_grad"
 PREFIX_STATES = "prefix_states"
 TOKEN_EMBEDDINGS = "token_embeddings"
 EXPORT_PROMPT = "export_prompt"
-CAPABILITIES = frozenset({GENERATE, PROMPT_GRAD, PREFIX_STATES, TOKEN_EMBEDDINGS, EXPORT_PROMPT})
+ANSWER_STATES = "answer_states"  # also covers ``output_embeddings``: the two are read together
+CAPABILITIES = frozenset({GENERATE, PROMPT_GRAD, PREFIX_STATES, TOKEN_EMBEDDINGS, EXPORT_PROMPT, ANSWER_STATES})
 
 
 @dataclass(frozen=True)
@@ -225,4 +226,25 @@ class Differentiates(Protocol):
 
     def token_embeddings(self) -> np.ndarray:
         """The input embedding matrix ``[vocab, d_model]`` (float32)."""
+        ...
+
+
+class ReadsStates(Protocol):
+    """Capability ``answer_states``: what the LM head reads where the answer is predicted.
+
+    AutoPrompt's label search trains a linear probe on these states and ranks vocabulary words
+    by the probe's weights against :meth:`output_embeddings`; both calls are needed together.
+    """
+
+    def answer_states(self, contexts: Sequence[str], prompt: SplicedPrompt | None = None) -> np.ndarray:
+        """Float32 ``[n, d]``: per context, the final hidden state the LM head turns into the
+        next token's logits (a causal LM: the last context position after the final norm; a
+        masked LM: a ``[MASK]`` after the context, after the MLM head's transform), so that
+        ``state @ output_embeddings()[v]`` is token ``v``'s logit up to a bias. ``prompt`` is
+        spliced at :data:`PROMPT_SLOT` (or placed first, for a prefix) as in scoring.
+        """
+        ...
+
+    def output_embeddings(self) -> np.ndarray:
+        """The LM head's weight ``[vocab, d]`` (float32): the output word embeddings."""
         ...

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from methods.autoprompt import label_requests
+from methods.optim import adam
 from methods.base import Evaluated, Report, Snapshot
 from methods.evaluate import score_prompts, slot_text, subsample
 from methods.peft_encoders import (
@@ -302,25 +303,6 @@ def clip(grads: Arrays, max_norm: float) -> tuple[Arrays, float]:
         return grads, norm
     scale = np.float32(max_norm / (norm + 1e-6))
     return tuple(g * scale for g in grads), norm
-
-
-def adam(params: Arrays, grads: Arrays, m: Arrays, v: Arrays, t: int, hp: SoftPromptTuning):
-    """One Adam step (torch.optim.Adam's update, no weight decay) on every array, in float32.
-
-    Returns:
-        ``(params, m, v)``: new arrays; the inputs are not modified.
-    """
-    b1, b2 = np.float32(hp.beta1), np.float32(hp.beta2)
-    bc1, bc2 = 1 - hp.beta1**t, 1 - hp.beta2**t
-    out_p, out_m, out_v = [], [], []
-    for p, g, m0, v0 in zip(params, grads, m, v):
-        m1 = b1 * m0 + (1 - b1) * g
-        v1 = b2 * v0 + (1 - b2) * g * g
-        denom = np.sqrt(v1) / np.float32(np.sqrt(bc2)) + np.float32(hp.eps)
-        out_p.append((p - np.float32(hp.lr / bc1) * m1 / denom).astype(np.float32))
-        out_m.append(m1.astype(np.float32))
-        out_v.append(v1.astype(np.float32))
-    return tuple(out_p), tuple(out_m), tuple(out_v)
 
 
 def init_mlp(emb: np.ndarray, hidden: int, residual: bool, rng: np.random.Generator) -> Arrays:

@@ -32,6 +32,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from pipelines.summary import with_labels
 from pipelines.results import read_jsonl
 from pipelines.stats import anytime_score, bootstrap_interval, holm, paired_p, seed_interval
 
@@ -648,7 +649,7 @@ def _details_md(run: Run, task: str) -> list[str]:
     out = [f"### {md_cell(task, None)}"]
     for method, rows in _by_method(run.ok, task).items():
         for r in rows:
-            text = str(r.get("best_prompt", ""))
+            text = with_labels(r)
             fence = "`" * max([3] + [len(m) + 1 for m in re.findall(r"`+", text)])
             out += ["", f"**{md_cell(method, None)}**, seed {md_cell(r.get('seed'))} ({r.get('prompt_kind', '?')}; "
                     f"dev {fmt(r.get('dev_score'))}, test {fmt(r.get('test_score'))})", "", fence, text, fence]

@@ -45,11 +45,18 @@ def table_rows(rows: Sequence[dict]) -> list[tuple[str, ...]]:
         calls = int(r.get("scorer_calls", 0) + r.get("proposer_calls", 0))
         tokens = int(r.get("scorer_tokens", 0) + r.get("proposer_tokens", 0))
         out.append((
-            r["method"], str(r["seed"]), _prompt(r["best_prompt"]), _fmt(r.get("dev_score")),
+            r["method"], str(r["seed"]), _prompt(with_labels(r)), _fmt(r.get("dev_score")),
             _fmt(r.get("test_score")), f"{int(r.get('scorer_examples', 0)):,}", str(calls), f"{tokens:,}",
             f"{r.get('wall_s', 0):.0f}",
         ))
     return out
+
+
+def with_labels(row: dict) -> str:
+    """A trial's best prompt, and the label words it is read with when its method chose them."""
+    words = row.get("label_words")
+    labels = f" [labels: {'/'.join(str(w).strip() for w in words)}]" if words else ""
+    return f"{row.get('best_prompt', '')}{labels}"
 
 
 def format_table(rows: Sequence[dict]) -> str:

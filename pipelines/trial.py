@@ -19,7 +19,7 @@ import numpy as np
 import ray
 from ray import tune
 
-from methods.base import Snapshot
+from methods.base import Snapshot, final_task
 from methods.evaluate import calibrated, headline, predict_raw_and_calibrated
 from methods.lm import EXPORT_PROMPT, PrefixPrompt, SoftPrompt, TokenPrompt
 from methods.racing import prediction_dtype
@@ -216,6 +216,7 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
     """Score the final best prompt on test (the only time test data is touched) and record it."""
     start = time.perf_counter()
     best = method.best(run["state"])
+    task = final_task(method, run["state"], task)  # a method that chose label words is read with them
     # Raw and calibrated predictions come from one call, so every method's report shows whether
     # it found a better instruction or only a shifted label prior.
     raw, cal = predict_raw_and_calibrated(task, best, task.test, scorer.unbudgeted)
@@ -234,6 +235,8 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
     }
     if isinstance(best, TokenPrompt):
         result["prompt_tokens"] = list(best.ids)
+    if hasattr(method, "task_for"):
+        result["label_words"] = list(task.verbalizer)
     if isinstance(best, (SoftPrompt, PrefixPrompt)) and EXPORT_PROMPT in scorer.capabilities:
         kind = "prefix" if isinstance(best, PrefixPrompt) else "soft_prompt"
         out = Path(ctx.run_dir) / "artifacts" / trial_id / kind

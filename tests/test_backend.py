@@ -287,3 +287,27 @@ def test_default_model_prefers_positive_for_a_glowing_review():
     pos, neg = lm.loglikelihood(Request.batch([(ctx, " positive"), (ctx, " negative")]))
     assert pos > neg
     assert lm.generate(["The capital of France is"], max_new_tokens=4, temperature=0)[0][0].strip()
+
+
+def _next_token_logprobs(states: np.ndarray, out_emb: np.ndarray, bias=None) -> np.ndarray:
+    logits = states.astype(np.float64) @ out_emb.astype(np.float64).T
+    logits = logits if bias is None else logits + bias
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("prompt", [None, TokenPrompt((5, 9)), "soft"])
+def test_answer_states_are_what_the_head_reads_at_the_answer(lm, prompt):
+    # state @ output_embeddings().T must be the next-token logits that scoring reads, under any prompt:
+    # the last position's state, in request order, whatever the batching.
+    if prompt == "soft":
+        prompt = SoftPrompt(np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32))
+    slot = PROMPT_SLOT if prompt is not None else INSTRUCTION
+    contexts = [f"{slot}\n\nReview: {s}\nSentiment:" for s in SENTENCES]
+    states = lm.answer_states(contexts, prompt)
+    assert states.shape == (len(SENTENCES), 32) and states.dtype == np.float32
+    logp = _next_token_logprobs(states, lm.output_embeddings())
+    words = [" the", " a"]  # single tokens of the tiny tokenizer: one next-token log-probability each
+    ids = [lm.tokenize(w)[0] for w in words]
+    assert all(len(lm.tokenize(w)) == 1 for w in words)
+    ll = lm.loglikelihood([Request(c, w, prompt) for c in contexts for w in words]).reshape(len(contexts), 2)
+    np.testing.assert_allclose(logp[:, ids], ll, atol=1e-4)

@@ -78,6 +78,17 @@ def test_an_example_cap_admits_exactly_the_cap_and_refuses_one_more():
     assert lm.lm.calls == 2 and lm.usage.examples == 10
 
 
+def test_answer_states_are_charged_one_evaluation_per_context_before_dispatch(tiny):
+    lm = CountingLM(tiny)
+    budgeted = BudgetedLM(lm, Limits(examples=5))
+    budgeted.answer_states(["a b", "c d", "a b"])  # 3 of 5: each context read is one evaluation
+    with pytest.raises(BudgetExhausted, match="3 of 5 example-evaluations used, the next call needs 3"):
+        budgeted.answer_states(["x", "y", "z"])
+    assert lm.examples == lm.usage.examples == 3  # refused before dispatch, nothing charged
+    budgeted.answer_states(["x", "y"])  # exactly 5: allowed
+    assert lm.examples == lm.usage.examples == 5
+
+
 class CountingLM:
     """Counts the example-evaluations that reach it, independently of the budget's own count."""
 
@@ -104,6 +115,11 @@ class CountingLM:
         requests = list(requests)
         self.examples += len({r[0] for r in requests})
         return self.inner.prompt_grad(requests, prompt)
+
+    def answer_states(self, contexts, prompt=None):
+        contexts = list(contexts)
+        self.examples += len(contexts)
+        return self.inner.answer_states(contexts, prompt)
 
 
 SMALL = {"n_eval": 12, "n_prompts": 3, "rounds": 20, "max_new_tokens": 6, "n_virtual": 2, "batch_size": 4, "eval_every": 2}

@@ -10,7 +10,7 @@ import pytest
 from backends.hf import HFBackend
 from backends.masked import MaskedLMBackend
 from backends.openai_compat import OpenAICompatLM
-from methods.lm import CAPABILITIES, GENERATE, PREFIX_STATES, PROMPT_GRAD, TOKEN_EMBEDDINGS, Needs
+from methods.lm import ANSWER_STATES, CAPABILITIES, GENERATE, PREFIX_STATES, PROMPT_GRAD, TOKEN_EMBEDDINGS, Needs
 from pipelines.lm.stack import backend_capabilities
 from pipelines.plan import UserError, _load_group_yaml, check_needs
 from tests.conftest import ROOT, run_cli
@@ -50,7 +50,7 @@ TEXT = ["ape", "opro", "protegi", "evoprompt", "evoprompt_de", "promptbreeder", 
 def test_every_method_config_declares_its_needs():
     names = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
     presets = {n for n in names if n.endswith("_paper")}  # a method's paper settings (tests/test_configs.py)
-    assert set(TEXT) | {"manual", "empty", "autoprompt", "soft_prompt", "p_tuning", "prefix_tuning"} == set(names) - presets
+    assert set(TEXT) | {"manual", "empty", "autoprompt", "soft_prompt", "p_tuning", "prefix_tuning", "label_search"} == set(names) - presets
     for name in TEXT + sorted(p for p in presets if p.removesuffix("_paper") in TEXT):
         assert _needs(name) == Needs(proposer=frozenset({GENERATE})), name
     assert _needs("grips", paraphrase=False) == Needs()  # only paraphrases call the proposer
@@ -58,6 +58,8 @@ def test_every_method_config_declares_its_needs():
     grads = frozenset({PROMPT_GRAD, TOKEN_EMBEDDINGS})
     assert _needs("autoprompt") == _needs("soft_prompt") == _needs("p_tuning") == Needs(scorer=grads)
     assert _needs("prefix_tuning") == Needs(scorer=grads | {PREFIX_STATES})
+    assert _needs("label_search") == _needs("label_search_paper") == Needs(scorer=frozenset({ANSWER_STATES}))
+    assert _needs("autoprompt_paper") == Needs(scorer=grads | {ANSWER_STATES})  # its preset searches labels first
 
 
 def test_a_need_the_backend_lacks_is_one_line_naming_it():

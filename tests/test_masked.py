@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
 from methods.autoprompt import AutoPrompt, objective_table
-from methods.lm import PROMPT_GRAD, PROMPT_SLOT, TOKEN_EMBEDDINGS, PrefixPrompt, Request, SoftPrompt, TokenPrompt
+from methods.lm import ANSWER_STATES, PROMPT_GRAD, PROMPT_SLOT, TOKEN_EMBEDDINGS, PrefixPrompt, Request, SoftPrompt, TokenPrompt
 from backends.masked import MaskedLMBackend
 from tests.fakes import planted_task
 
@@ -107,9 +107,25 @@ def test_autoprompt_lowers_the_label_loss_on_a_masked_lm():
 
 def test_declares_no_generation_or_prefixes_and_tokenizer_must_have_a_mask():
     lm = tiny_bert()
-    assert lm.capabilities == {PROMPT_GRAD, TOKEN_EMBEDDINGS}
+    assert lm.capabilities == {PROMPT_GRAD, TOKEN_EMBEDDINGS, ANSWER_STATES}
     with pytest.raises(TypeError, match="causal LM"):
         lm.loglikelihood([Request("the", " film", PrefixPrompt(np.zeros((1, 4), np.float32)))])
     tok = PreTrainedTokenizerFast(tokenizer_object=lm.tokenizer.backend_tokenizer, pad_token="[PAD]")
     with pytest.raises(ValueError, match="cls"):
         MaskedLMBackend.from_model(lm.model, tok)
+
+
+def test_answer_states_times_the_decoder_weight_give_the_mask_logprobs():
+    # The state read at the mask, through the head's decoder (weight and bias), is the label's
+    # log-probability that scoring reads: the probe and the scorer look at the same position.
+    lm = tiny_bert()
+    contexts = ["the film is good", "it is not fine", f"{PROMPT_SLOT} we it so odd"]
+    prompt = TokenPrompt((7, 8))
+    for ctx, p in ((contexts[:2], None), (contexts[2:], prompt)):
+        states = lm.answer_states(ctx, p)
+        logits = states.astype(np.float64) @ lm.output_embeddings().astype(np.float64).T
+        logits += lm.model.get_output_embeddings().bias.detach().double().numpy()
+        logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+        ll = lm.loglikelihood([Request(c, w, p) for c in ctx for w in (" yes", " no")]).reshape(len(ctx), 2)
+        yes, no = lm.tokenize(" yes")[0], lm.tokenize(" no")[0]
+        np.testing.assert_allclose(logp[:, [yes, no]], ll, atol=1e-4)

@@ -14,13 +14,20 @@ from tests.test_pipeline import TINY
 def test_soft_and_prefix_trials_train_and_export_peft_adapters(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     proc = run_cli(*TINY, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", "logger=wandb",
-                   "search=single", "search.methods=[soft_prompt,prefix_tuning,autoprompt]", "search.max_steps=2",
+                   "search=single", "search.methods=[soft_prompt,prefix_tuning,autoprompt,label_search]",
+                   "search.max_steps=2",
                    "+search.method_overrides={soft_prompt: {n_virtual: 2, eval_every: 2, n_eval: 8},"
                    " prefix_tuning: {n_virtual: 3, eval_every: 2, n_eval: 8},"
-                   " autoprompt: {n_triggers: 2, n_candidates: 4, batch_size: 4, eval_every: 1, n_eval: 8}}")
+                   " autoprompt: {n_triggers: 2, n_candidates: 4, batch_size: 4, eval_every: 1, n_eval: 8},"
+                   " label_search: {n_train: 8, epochs: 1, n_eval: 8, keep_original: false}}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_live_tables(run_dir)
     rows = {r["method"]: r for r in json.loads((run_dir / "summary.json").read_text())["trials"]}
+    # Label search read its states through the shared actors, and its test score used the words it chose.
+    words = rows["label_search"]["label_words"]
+    assert rows["label_search"]["status"] == "ok" and len(words) == 2 and words != [" negative", " positive"]
+    assert f"[labels: {'/'.join(w.strip() for w in words)}]" in (run_dir / "report.md").read_text()
+    assert "label_words" not in rows["soft_prompt"]
     assert rows["prefix_tuning"]["status"] == "ok" and rows["prefix_tuning"]["prompt_kind"] == "PrefixPrompt"
     assert rows["soft_prompt"]["prompt_kind"] == "SoftPrompt"
     from backends.tiny import tiny_model, tiny_tokenizer

@@ -182,6 +182,14 @@ class LMActor:
         texts = [c + k for c, k in requests]
         return {"result": out, "tokens": await self._call(_count_tokens, texts)}
 
+    async def answer_states(self, contexts: list, prompt: Any = None) -> dict:
+        """``{"result": float32 [n, d], "tokens": int}``: the states the LM head reads at the answer."""
+        out = await self._call(lambda b: b.answer_states(contexts, prompt))
+        return {"result": out, "tokens": await self._call(_count_tokens, list(contexts))}
+
+    async def output_embeddings(self):
+        return await self._call(lambda b: b.output_embeddings())
+
     async def token_embeddings(self):
         return await self._call(lambda b: b.token_embeddings())
 

@@ -220,6 +220,14 @@ class BudgetedLM:
         self._charge(before, examples, share, n if temperature > 0 else 1)
         return out
 
+    def answer_states(self, contexts, prompt=None):
+        contexts = list(contexts)
+        examples = len(contexts)  # one example read under one prompt: one evaluation, as in scoring
+        before = self._check(examples)
+        out = self.inner.answer_states(contexts, prompt)
+        self._charge(before, examples)
+        return out
+
     def prompt_grad(self, requests, prompt):
         requests = list(requests)
         examples = scored_examples(requests)  # (context, target) pairs under one prompt: distinct contexts

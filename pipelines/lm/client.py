@@ -97,6 +97,7 @@ class RayLM:
     capabilities: frozenset[str] = frozenset()
     usage: Meter = field(default_factory=Meter)
     _embeddings: np.ndarray | None = field(default=None, repr=False)
+    _output_embeddings: np.ndarray | None = field(default=None, repr=False)
 
     def _gather(self, refs: list) -> list:
         outs = ray.get(refs)
@@ -142,6 +143,21 @@ class RayLM:
         loss = float(sum(w * o[0] for w, o in zip(weights, outs)))
         grad = sum(w * np.asarray(o[1], dtype=np.float32) for w, o in zip(weights, outs))
         return loss, np.asarray(grad, dtype=np.float32)
+
+    def answer_states(self, contexts, prompt=None) -> np.ndarray:
+        contexts = list(contexts)
+        self.usage.requests += len(contexts)
+        if not contexts:
+            return np.zeros((0, self.output_embeddings().shape[1]), dtype=np.float32)
+        parts = shards(len(contexts), len(self.handles))
+        refs = [h.answer_states.remote(contexts[s], prompt) for h, s in zip(self.handles, parts)]
+        return np.concatenate([np.asarray(r, dtype=np.float32) for r in self._gather(refs)])
+
+    def output_embeddings(self) -> np.ndarray:
+        # Cached like the input embeddings: large, frozen, and read at every label-search step.
+        if self._output_embeddings is None:
+            self._output_embeddings = ray.get(self.handles[0].output_embeddings.remote())
+        return self._output_embeddings
 
     def token_embeddings(self) -> np.ndarray:
         # Cached: the matrix is large (vocab x d) and frozen, and gradient methods ask every step.
