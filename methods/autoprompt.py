@@ -142,8 +142,9 @@ class AutoPrompt:
             self._label_search().check_task(task)
 
     def _label_search(self) -> LabelSearch:
-        return LabelSearch(n_train=self.label_pool, epochs=self.label_epochs, n_eval=self.n_eval,
-                           keep_original=self.label_keep_original)
+        # All epochs in one step, then one dev score: the reference picks its words once, at the end.
+        return LabelSearch(n_train=self.label_pool, epochs=self.label_epochs, epochs_per_step=self.label_epochs,
+                           n_eval=self.n_eval, keep_original=self.label_keep_original)
 
     def _searching_labels(self, state: AutoPromptState) -> bool:
         return self.search_labels and (state.labels is None or not self._label_search().done(state.labels))
