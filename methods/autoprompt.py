@@ -99,9 +99,9 @@ class AutoPrompt:
         fresh_eval_batch: score the candidates on a fresh draw of train examples, not on the
             examples that gave the gradient (whose loss the first-order estimate already favours).
         search_labels: first choose the label words (:class:`methods.label_search.LabelSearch`).
-        label_pool, label_epochs, label_keep_original: the label search's ``n_train``, ``epochs``
-            and ``keep_original`` (its other settings are the reference's: Adam at 3e-4, batches
-            of 32; and whole words only).
+        label_pool, label_epochs, label_lr, label_keep_original: the label search's ``n_train``,
+            ``epochs``, ``lr`` and ``keep_original`` (its other settings are the reference's:
+            batches of 32; and whole words only).
     """
 
     n_triggers: int = 4
@@ -121,6 +121,7 @@ class AutoPrompt:
     search_labels: bool = False
     label_pool: int = 256
     label_epochs: int = 10
+    label_lr: float = 3e-4
     label_keep_original: bool = True
 
     def __post_init__(self) -> None:
@@ -144,7 +145,7 @@ class AutoPrompt:
     def _label_search(self) -> LabelSearch:
         # All epochs in one step, then one dev score: the reference picks its words once, at the end.
         return LabelSearch(n_train=self.label_pool, epochs=self.label_epochs, epochs_per_step=self.label_epochs,
-                           n_eval=self.n_eval, keep_original=self.label_keep_original)
+                           lr=self.label_lr, n_eval=self.n_eval, keep_original=self.label_keep_original)
 
     def _searching_labels(self, state: AutoPromptState) -> bool:
         return self.search_labels and (state.labels is None or not self._label_search().done(state.labels))
