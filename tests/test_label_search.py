@@ -21,6 +21,7 @@ from methods.base import final_task
 from methods.evaluate import score_prompts
 from methods.label_search import LabelSearch, pick_words, relabel, word_scores
 from methods.lm import ANSWER_STATES, TextPrompt, TokenPrompt
+from pipelines.lm.client import forward_to_inner
 from tests.fakes import planted_task
 from tests.tiny import tiny_backend
 
@@ -165,10 +166,7 @@ class Recording:
     def __init__(self, inner) -> None:
         self.inner, self.continuations, self.prompts_read = inner, [], []
 
-    def __getattr__(self, name):
-        if name.startswith("__") or name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    __getattr__ = forward_to_inner
 
     def loglikelihood(self, requests):
         requests = list(requests)
