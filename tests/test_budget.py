@@ -146,7 +146,7 @@ def test_every_method_stops_within_its_example_budget(name, tiny):
     # Text methods score on the planted LM (their meta-prompts outgrow the tiny model's context);
     # gradient methods on the tiny model, which has gradients.
     scorer_inner = CountingLM(tiny if method.needs().scorer else PlantedLM())
-    proposer_inner = CountingLM(PlantedLM())
+    proposer_inner = CountingLM(tiny if "answer_states" in method.needs().proposer else PlantedLM())
     scorer = BudgetedLM(scorer_inner, Limits(examples=cap), "scorer")
     proposer = BudgetedLM(proposer_inner, Limits(), "proposer")
     state, steps = method.init(task, scorer, proposer, rng), 0

@@ -44,13 +44,13 @@ def _needs(name: str, **overrides) -> Needs:
     return hydra.utils.instantiate({**cfg, **overrides}).needs()
 
 
-TEXT = ["ape", "opro", "protegi", "evoprompt", "evoprompt_de", "promptbreeder", "calibration", "grips"]
+TEXT = ["ape", "opro", "protegi", "evoprompt", "evoprompt_de", "promptbreeder", "calibration", "grips", "gepa"]
 
 
 def test_every_method_config_declares_its_needs():
     names = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
     presets = {n for n in names if n.endswith("_paper")}  # a method's paper settings (tests/test_configs.py)
-    assert set(TEXT) | {"manual", "empty", "autoprompt", "soft_prompt", "p_tuning", "prefix_tuning", "label_search"} == set(names) - presets
+    assert set(TEXT) | {"manual", "empty", "autoprompt", "soft_prompt", "p_tuning", "prefix_tuning", "label_search", "rlprompt"} == set(names) - presets
     for name in TEXT + sorted(p for p in presets if p.removesuffix("_paper") in TEXT):
         assert _needs(name) == Needs(proposer=frozenset({GENERATE})), name
     assert _needs("grips", paraphrase=False) == Needs()  # only paraphrases call the proposer
@@ -60,6 +60,8 @@ def test_every_method_config_declares_its_needs():
     assert _needs("prefix_tuning") == Needs(scorer=grads | {PREFIX_STATES})
     assert _needs("label_search") == _needs("label_search_paper") == Needs(scorer=frozenset({ANSWER_STATES}))
     assert _needs("autoprompt_paper") == Needs(scorer=grads | {ANSWER_STATES})  # its preset searches labels first
+    # the policy reads the proposer's states; its prompts are rendered as text, so any scorer rewards them
+    assert _needs("rlprompt") == _needs("rlprompt_paper") == Needs(proposer=frozenset({ANSWER_STATES}))
 
 
 def test_a_need_the_backend_lacks_is_one_line_naming_it():
