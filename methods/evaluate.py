@@ -58,6 +58,17 @@ def _choice_scores(task: Task, examples: Sequence[Example], loglik: np.ndarray) 
     return out
 
 
+def label_probabilities(task: Task, examples: Sequence[Example], loglik: np.ndarray,
+                        log_prior: np.ndarray | None = None) -> list[np.ndarray]:
+    """Per example, its choices' probabilities normalized over its label words (what GEPA shows a
+    reflection and RLPrompt's reward reads), contextually calibrated when ``log_prior`` is given."""
+    out = []
+    for scores in _choice_scores(task, examples, loglik):
+        scores = scores if log_prior is None else scores - log_prior
+        out.append(np.exp(scores - np.logaddexp.reduce(scores)))
+    return out
+
+
 def predictions(task: Task, examples: Sequence[Example], loglik: np.ndarray, log_prior: np.ndarray | None = None) -> np.ndarray:
     """Argmax label per example; with ``log_prior``, of ``log p(label | x) - log p(label | content-free)``.
 

@@ -383,27 +383,12 @@ def _label_runs(task: Task, texts: Sequence[str], examples: Sequence, scorer: LM
         block = loglik[j * per : (j + 1) * per]
         prior = evaluate.content_free_log_prior(task, block[n_ex:]) if free else None
         preds = evaluate.predictions(task, examples, block[:n_ex], prior)
-        probs = label_probabilities(task, examples, block[:n_ex], prior)
+        probs = evaluate.label_probabilities(task, examples, block[:n_ex], prior)
         scores = [float(task.is_correct(p, ex)) for p, ex in zip(preds, examples)]
         traces = [trace(ex, task.shown(p, ex), label_feedback(task, ex, s, pr))
                   for p, ex, s, pr in zip(preds, examples, scores, probs)]
         runs.append(Run([int(p) for p in preds], scores, traces))
     return runs
-
-
-def label_probabilities(task: Task, examples: Sequence, loglik: np.ndarray, log_prior=None) -> list[np.ndarray]:
-    """Per example, the normalized probabilities of its label words (calibrated when ``log_prior`` is given)."""
-    out, i = [], 0
-    for ex in examples:
-        choices = task.choices(ex)
-        ll = np.asarray(loglik[i : i + len(choices)], dtype=np.float64)
-        if task.length_normalize:
-            ll = ll / np.maximum([len(c) for c in choices], 1)
-        if log_prior is not None:
-            ll = ll - log_prior
-        out.append(np.exp(ll - np.logaddexp.reduce(ll)))
-        i += len(choices)
-    return out
 
 
 def trace(example, shown: str, feedback: str) -> dict[str, str]:

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from methods.base import Evaluated, Report, Snapshot
-from methods.evaluate import calibrated, content_free_log_prior, predictions, requests_for, subsample
+from methods.evaluate import calibrated, content_free_log_prior, label_probabilities, predictions, requests_for, subsample
 from methods.lm import ANSWER_STATES, LM, Needs, TextPrompt, TokenPrompt
 from methods.optim import adam
 from methods.racing import fixed_dev
@@ -264,7 +264,7 @@ class RLPrompt:
         """``[n_prompts, n_examples]`` gap rewards, every prompt scored in one call."""
         requests = [r for text in texts for r in requests_for(task, TextPrompt(text), batch)]
         loglik = np.asarray(scorer.loglikelihood(requests), dtype=np.float64).reshape(len(texts), -1)
-        return np.stack([gap_rewards(label_probs(task, batch, row), [ex.label for ex in batch],
+        return np.stack([gap_rewards(label_probabilities(task, batch, row), [ex.label for ex in batch],
                                      self.correct_coeff, self.incorrect_coeff) for row in loglik])
 
     def _shape(self, rewards: np.ndarray) -> np.ndarray:
@@ -310,7 +310,7 @@ class RLPrompt:
         n = sum(len(task.choices(ex)) for ex in dev)
         prior = content_free_log_prior(task, loglik[n:]) if free else None
         score = task.score(predictions(task, dev, loglik[:n], prior), dev)
-        gaps = gap_rewards(label_probs(task, dev, loglik[:n]), [ex.label for ex in dev],
+        gaps = gap_rewards(label_probabilities(task, dev, loglik[:n]), [ex.label for ex in dev],
                            self.correct_coeff, self.incorrect_coeff)
         return float(score), float(gaps.mean())
 
@@ -383,22 +383,6 @@ def sample_top_k(logits: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
 
 
 # ---------------------------------------------------------------------- reward
-
-
-def label_probs(task: Task, examples: Sequence[Example], loglik: np.ndarray) -> list[np.ndarray]:
-    """Per example, its labels' probabilities normalised over the label words, from the flat
-    log-likelihoods :func:`methods.evaluate.requests_for` orders (length-normalised first when
-    the task predicts so)."""
-    out, i = [], 0
-    for ex in examples:
-        choices = task.choices(ex)
-        scores = np.asarray(loglik[i : i + len(choices)], dtype=np.float64)
-        if task.length_normalize:
-            scores = scores / np.maximum([len(c) for c in choices], 1)
-        scores = np.exp(scores - scores.max())
-        out.append(scores / scores.sum())
-        i += len(choices)
-    return out
 
 
 def gap_rewards(probs: Sequence[np.ndarray], labels: Sequence[int], correct_coeff: float,

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from methods.evaluate import score_prompts
+from methods.evaluate import label_probabilities as label_probs, score_prompts
 from methods.lm import ANSWER_STATES, Needs, TextPrompt, TokenPrompt
 from methods.racing import fixed_dev
 from methods import rlprompt
-from methods.rlprompt import RLPrompt, gap_rewards, label_probs, normalize, sample_top_k, sql_loss
+from methods.rlprompt import RLPrompt, gap_rewards, normalize, sample_top_k, sql_loss
 from tests.fakes import planted_gen_task, planted_task, resumed_and_uninterrupted, run_steps
 
 WORDS = ("<s>", "great", "label", "the", "banana", "seven", "maybe", "purple", "quickly", "random")
