@@ -204,7 +204,7 @@ class GEPA:
     def __post_init__(self) -> None:
         problem = self._problem()
         if problem:
-            raise ValueError(f"GEPA: {problem}")
+            raise ValueError(problem)
 
     def _problem(self) -> str:
         if self.n_val < 0:
