@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -29,12 +30,16 @@ from pipelines.trial import TrialContext, apply_samples, run_trial
 from tasks.generative import is_generative
 
 ACTOR_STATS = "lm_actors.json"  # what each LM actor did; folded into summary.json
+LOG_DRAIN_S = 2.0  # how long the driver waits for trials' last lines before shutting Ray down
 
 
 def start_ray(cfg: dict) -> str:
     """Join the cluster at ``ray.address`` (or ``$RAY_ADDRESS``, as ``ray job submit`` sets it),
     else start a local Ray; returns the run's namespace."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray's log deduplication treats lines that differ only in numbers as repeats: every trial's
+    # "step N: dev_score=..." line is one, so all but the first were held back and printed, collapsed
+    # to the last, only after a window a short sweep could end within. Each step line is a record.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Tune's newer console output prints an experiment banner and TensorBoard hints even at
     # verbose=0; the legacy reporter at verbose=0 prints nothing. Trials print their own lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -153,6 +158,10 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
         _check_finished(run_dir)
         return _rows(run_dir, grid)
     finally:
+        # Trials' lines reach this console through Ray's log monitor, which tails their files a
+        # little behind them: shutting down at once dropped the last lines of trials that ended
+        # within the final second (a short sweep lost whole trials' step and done lines).
+        time.sleep(LOG_DRAIN_S)
         ray.shutdown()
 
 
