@@ -37,10 +37,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from methods.base import Evaluated, Report, Snapshot, ranked
-from methods.evaluate import score_prompts, subsample
+from methods.evaluate import scored_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, Request, TextPrompt
 from methods.racing import minibatch_pull, successive_halving, ucb_race
-from methods.text import clean_candidates, demo_block, input_texts
+from methods.text import clean_with_parents, demo_block, input_texts
+from tasks.core import example_key
 from tasks.core import Task
 
 FORWARD_TEMPLATE = (
@@ -133,12 +134,14 @@ class APE:
     def step(self, state: APEState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         if state.round == 0:
             raw, banned = self._propose(task, proposer, rng)
+            raw = [(r, "") for r in raw]  # written from demos alone: no parent
             extra = [task.instruction] if self.include_manual else []
         else:
             raw, banned, extra = self._resample(state, proposer, rng), [], []
         seen = [t for t, _ in state.scored] + [t for t, _, _ in state.dropped]
-        candidates = clean_candidates(raw, banned, seen) + [e for e in extra if e not in seen]
-        scored, dropped, n_eval = self._score(task, candidates, scorer, rng)
+        kept = clean_with_parents(raw, banned, seen) + [(e, "") for e in extra if e not in seen]
+        candidates, parents = [c for c, _ in kept], dict(kept)
+        scored, dropped, n_eval, outcomes = self._score(task, candidates, scorer, rng)
         if self.score == "likelihood":
             dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
             state = replace(state, likelihood=state.likelihood + tuple(
@@ -147,7 +150,7 @@ class APE:
             state, scored=state.scored + scored, dropped=state.dropped + dropped, round=state.round + 1,
             proposed=state.proposed + len(raw), usable=state.usable + len(candidates) - len(extra),
         )
-        return new, self._report(new, scored, dropped, n_eval)
+        return new, self._report(new, scored, dropped, n_eval, parents, outcomes)
 
     def _propose(self, task: Task, proposer: LM, rng: np.random.Generator):
         return forward_proposals(task, proposer, rng, self.n_prompts, self.n_demos, self.max_new_tokens, self.temperature)
@@ -156,42 +159,50 @@ class APE:
         """What candidates are ranked by: their metric, or their likelihood."""
         return state.likelihood if self.score == "likelihood" else state.scored
 
-    def _resample(self, state: APEState, proposer: LM, rng: np.random.Generator) -> list[str]:
+    def _resample(self, state: APEState, proposer: LM, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """Paraphrases of the current top ``k``, each as ``(raw, the candidate it varies)``."""
         top = [t for t, _ in sorted(self._ranking(state), key=lambda s: -s[1])[: self.top_k]]
         contexts = [RESAMPLE_TEMPLATE.format(instruction=t) for t in top]
         outs = proposer.generate(
             contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             n=self.per_top, seed=int(rng.integers(2**31)), stop=("\n\n",),
         )
-        return [s for row in outs for s in row]
+        return [(s, t) for t, row in zip(top, outs) for s in row]
 
     def _score(self, task: Task, candidates: list[str], scorer: LM, rng: np.random.Generator):
-        """``((text, score) on the whole dev subset, (text, score, n) stopped early, its size)``."""
+        """``((text, score) on the whole dev subset, (text, score, n) stopped early, its size,
+        {text: its examples and per-example outcomes} for those whose outcomes are known)``."""
         # A fixed dev subset (not redrawn per round) keeps scores comparable across rounds.
         dev = subsample(task.dev, self.n_eval, np.random.default_rng(0))
         if self.ucb_pulls > 0 and len(candidates) > self.ucb_finalists:
             return self._ucb(task, candidates, dev, scorer, rng)
         if self.halving_min <= 0 or not candidates:
-            scores = score_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
-            return tuple((c, s) for c, s in zip(candidates, scores)), (), len(dev)
+            results = scored_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
+            scored = tuple((c, s) for c, (s, _) in zip(candidates, results))
+            return scored, (), len(dev), {c: seen for c, (_, seen) in zip(candidates, results)}
         race = successive_halving(task, candidates, dev, scorer, self.halving_min, self.halving_eta)
         full = set(race.finalists())
         scored = tuple((c, race.scores[i]) for i, c in enumerate(candidates) if i in full)
         dropped = tuple((c, race.scores[i], race.seen[i]) for i, c in enumerate(candidates) if i not in full)
-        return scored, dropped, len(dev)
+        # every arm ran on a prefix of the subset, so even a dropped one has its outcomes there
+        keys = tuple(example_key(ex) for ex in dev)
+        outcomes = {c: {"examples": keys[: race.seen[i]], "outcomes": race.outcomes[i]}
+                    for i, c in enumerate(candidates)}
+        return scored, dropped, len(dev), outcomes
 
     def _ucb(self, task: Task, candidates: list[str], dev, scorer: LM, rng: np.random.Generator):
         """The UCB race on random dev minibatches, then its finalists on the fixed dev subset."""
         pull = minibatch_pull(task, candidates, self.ucb_pull_size, rng, scorer)
         race = ucb_race(len(candidates), pull, self.ucb_pulls, self.ucb_per_round, rng, self.ucb_c)
         top = race.top(self.ucb_finalists)
-        scores = score_prompts(task, [TextPrompt(candidates[i]) for i in top], dev, scorer)
-        scored = tuple((candidates[i], s) for i, s in zip(top, scores))
+        results = scored_prompts(task, [TextPrompt(candidates[i]) for i in top], dev, scorer)
+        scored = tuple((candidates[i], s) for i, (s, _) in zip(top, results))
         dropped = tuple((c, race.means[i], race.counts[i] * self.ucb_pull_size)
                         for i, c in enumerate(candidates) if i not in set(top))
-        return scored, dropped, len(dev)
+        # the race's minibatches are not kept: only the finalists' outcomes are known
+        return scored, dropped, len(dev), {candidates[i]: seen for i, (_, seen) in zip(top, results)}
 
-    def _report(self, state: APEState, scored, dropped, n: int) -> Report:
+    def _report(self, state: APEState, scored, dropped, n: int, parents, outcomes) -> Report:
         chosen = self.best(state).text if state.scored else None
         metrics = {
             # the metric of the candidate APE would return (the best one, when ranked by metric)
@@ -200,8 +211,8 @@ class APE:
             "usable": float(state.usable),
             "round": float(state.round),
         }
-        records = [Evaluated(t, s, n, "candidate") for t, s in scored]
-        records += [Evaluated(t, s, n, "dropped") for t, s, n in dropped]
+        records = [Evaluated(t, s, n, "candidate", parents.get(t, ""), **outcomes.get(t, {})) for t, s in scored]
+        records += [Evaluated(t, s, n, "dropped", parents.get(t, ""), **outcomes.get(t, {})) for t, s, n in dropped]
         return Report(metrics, tuple(records))
 
     def best(self, state: APEState) -> TextPrompt:

@@ -28,12 +28,22 @@ class Evaluated:
         score: the task metric on ``n`` dev examples.
         n: examples it was scored on (racing scores some candidates on fewer).
         kind: free-form role, e.g. "candidate", "offspring", "edit".
+        parent: the prompt this one was written from (a mutation's or edit's source, the
+            prompt a proposer was shown as the one to improve); empty for a seed or a prompt
+            written from demonstrations alone. What ``pipelines.distill`` pairs children with.
+        examples: :func:`tasks.core.example_key` of each example it was scored on, and
+        outcomes: its score on each (1/0 on a label task, the metric on a generative one),
+            in the same order. Both empty where a method does not record them; a parent and
+            child are compared on the examples both were scored on.
     """
 
     prompt: str
     score: float
     n: int
     kind: str = "candidate"
+    parent: str = ""
+    examples: tuple[str, ...] = ()
+    outcomes: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

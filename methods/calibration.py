@@ -97,7 +97,9 @@ from pathlib import Path
 import numpy as np
 
 from methods.base import Evaluated, Report, Snapshot, ranked
-from methods.evaluate import calibrated, content_free_log_prior, predictions, requests_for, score_prompts, subsample
+from methods.evaluate import (
+    calibrated, content_free_log_prior, predictions, provenance, requests_for, scored_prompts, subsample,
+)
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
 from methods.text import clean_candidates
@@ -501,9 +503,9 @@ class Calibration:
         waits = self.annotator == "file" and not any(c.label is not None for c in main.cases)
         if not (is_generative(task) or waits):
             return main, ()
-        (score,) = score_prompts(task, [TextPrompt(task.instruction)], dev, scorer)
+        ((score, seen),) = scored_prompts(task, [TextPrompt(task.instruction)], dev, scorer)
         main = replace(main, best=task.instruction, best_dev=score, tried=((task.instruction, None, score),))
-        return main, (Evaluated(task.instruction, score, len(dev), "seed"),)
+        return main, (Evaluated(task.instruction, score, len(dev), "seed", **seen),)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -666,10 +668,10 @@ class Calibration:
         fresh = [c for c in candidates if c not in known] if stage.kind != RANKER else []
         kept = loop.step > 0 and len(bench) == loop.best_n
         scoring = candidates[1:] if kept else candidates
-        scores, wrongs, devs, notes = [], [], [], []
+        scores, wrongs, devs, notes, seen = [], [], [], [], []
         if scoring:
             score = self._score_generation if stage.kind == GENERATE else self._score_labels
-            scores, wrongs, devs, notes = score(stage, scoring, fresh, bench, dev, scorer)
+            scores, wrongs, devs, notes, seen = score(stage, scoring, fresh, bench, dev, scorer)
         if kept:
             scores, wrongs, notes = [loop.best_score] + scores, [loop.best_errors] + wrongs, [loop.best_note] + notes
         dev_of = {**known, **dict(zip(fresh, devs))}
@@ -686,7 +688,11 @@ class Calibration:
             best_n=len(bench), best_errors=tuple(wrongs[pick]), best_note=notes[pick],
         )
         kinds = {stage.seed: "seed"}
-        evaluated = tuple(Evaluated(c, d, len(dev), kinds.get(c, "candidate")) for c, d in zip(fresh, devs))
+        # The suggestions were written (last step) to improve the prompt selected then, which is
+        # still the incumbent: selection only runs here. Anything else new is the seed.
+        parent = {p: loop.best for p in loop.pending}
+        evaluated = tuple(Evaluated(c, d, len(dev), kinds.get(c, "candidate"), parent.get(c, ""), **p)
+                          for c, d, p in zip(fresh, devs, seen))
         return new, evaluated
 
     def _score_labels(self, stage: Stage, candidates, fresh, bench, dev, scorer: LM):
@@ -696,12 +702,13 @@ class Calibration:
         preds = _label_blocks(task, blocks, scorer, calibrated(task))
         scores = [task.score(p, examples) for p in preds[: len(candidates)]]
         devs = [task.score(p, dev) for p in preds[len(candidates) :]]
+        seen = [provenance(task, p, dev) for p in preds[len(candidates) :]]
         wrongs = [
             [(input_text(task, ex.inputs), task.shown(y, ex), task.answer_text(ex))
              for ex, y in zip(examples, p) if not task.is_correct(y, ex)]
             for p in preds[: len(candidates)]
         ]
-        return scores, wrongs, devs, [confusion(task, examples, p) for p in preds[: len(candidates)]]
+        return scores, wrongs, devs, [confusion(task, examples, p) for p in preds[: len(candidates)]], seen
 
     def _score_generation(self, stage: Stage, candidates, fresh, bench, dev, scorer: LM):
         """Outputs of every candidate (one ``generate`` call, dev included), then the ranker's ratings
@@ -723,9 +730,10 @@ class Calibration:
             wrongs.append([(rated[j * n + i].inputs["input"], task.shown(rated[j * n + i].inputs["output"], inputs[i]),
                             f"rated {int(r) + 1} of {k}") for i, r in enumerate(mine) if r < floor])
         base = len(candidates) * n
-        devs = [task.score(outs[base + j * len(dev) : base + (j + 1) * len(dev)], dev) for j in range(len(fresh))]
+        written = [outs[base + j * len(dev) : base + (j + 1) * len(dev)] for j in range(len(fresh))]
+        devs = [task.score(w, dev) for w in written]
         notes = [f"Mean rating: {1 + s * (k - 1):.1f} of {k}\n" for s in scores]
-        return scores, wrongs, devs, notes
+        return scores, wrongs, devs, notes, [provenance(task, w, dev) for w in written]
 
     # 4. analysis and suggestion ---------------------------------------------------------
 

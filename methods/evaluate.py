@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from methods.lm import LM, PROMPT_SLOT, PrefixPrompt, Prompt, Request, TextPrompt
-from tasks.core import Example, Task
+from tasks.core import Example, Task, example_key
 from tasks.generative import is_generative
 
 
@@ -151,6 +151,25 @@ def predict_many(task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM
 def score_prompts(task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM) -> list[float]:
     """Task metric of each prompt on ``examples``, all prompts in one batched call."""
     return [task.score(preds, examples) for preds in predict_many(task, prompts, examples, scorer)]
+
+
+def example_scores(task, predictions: Sequence, examples: Sequence) -> tuple[float, ...]:
+    """Each example's outcome under one prompt: 1/0 on a label task, the metric on a generative one."""
+    if is_generative(task):
+        return tuple(float(task.example_score(p, ex)) for p, ex in zip(predictions, examples))
+    return tuple(float(task.is_correct(p, ex)) for p, ex in zip(predictions, examples))
+
+
+def provenance(task, predictions: Sequence, examples: Sequence) -> dict:
+    """``Evaluated``'s ``examples`` and ``outcomes`` for one prompt's predictions (``Evaluated(..., **provenance(...))``)."""
+    return {"examples": tuple(example_key(ex) for ex in examples),
+            "outcomes": example_scores(task, predictions, examples)}
+
+
+def scored_prompts(task, prompts: Sequence[Prompt], examples: Sequence, scorer: LM) -> list[tuple[float, dict]]:
+    """:func:`score_prompts` with each prompt's :func:`provenance`, from the same one call."""
+    return [(task.score(preds, examples), provenance(task, preds, examples))
+            for preds in predict_many(task, prompts, examples, scorer)]
 
 
 def predict(task, prompt: Prompt, examples: Sequence, scorer: LM) -> list:

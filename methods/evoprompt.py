@@ -32,10 +32,10 @@ import numpy as np
 
 from methods.ape import RESAMPLE_TEMPLATE, forward_proposals
 from methods.base import Evaluated, Report, Snapshot, ranked
-from methods.evaluate import score_prompts
+from methods.evaluate import scored_prompts
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
-from methods.text import clean_candidates, clean_one
+from methods.text import clean_candidates, clean_one, clean_with_parents
 from tasks.core import Task
 
 # The one-shot demonstrations' prompts: a neutral text-simplification example, so no task's
@@ -185,7 +185,7 @@ class EvoPrompt:
                 return self._pool(state, task, scorer, proposer, rng)
             return self._paraphrase_top(state, task, scorer, proposer, rng)
         build = self._ga_contexts if self.variant == "ga" else self._de_contexts
-        contexts = build(state, rng)
+        contexts, parents = build(state, rng)
         outs = proposer.generate(
             contexts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             seed=int(rng.integers(2**31)), stop=("</prompt>",),
@@ -193,7 +193,7 @@ class EvoPrompt:
         children = [clean_one(tagged(o[0])) for o in outs]
         children = ["" if copies_demo(c) else c for c in children]
         merge = self._ga_merge if self.variant == "ga" else self._de_merge
-        population, evaluated, replaced = merge(state, children, task, scorer)
+        population, evaluated, replaced = merge(state, children, parents, task, scorer)
         new = replace(
             state, population=population, step=state.step + 1, proposed=state.proposed + len(outs),
             usable=state.usable + len(evaluated), replaced=state.replaced + replaced,
@@ -206,7 +206,8 @@ class EvoPrompt:
         raws = self._paraphrase_seed(task, proposer, rng) if self.pop_size > 1 else []
         paraphrases = clean_candidates(raws, seen=[task.instruction])[: self.pop_size - 1]
         texts = [task.instruction] + paraphrases
-        population, evaluated = self._score(texts, task, scorer, "init")
+        parents = [""] + [task.instruction] * len(paraphrases)
+        population, evaluated = self._score(texts, task, scorer, "init", parents)
         new = replace(state, population=population, step=1, proposed=len(raws), usable=len(paraphrases))
         return new, Report(self._metrics(new), evaluated)
 
@@ -228,8 +229,9 @@ class EvoPrompt:
             temperature=max(self.temperature, 0.9), seed=int(rng.integers(2**31)), stop=("\n\n",),
         )
         seen = [t for t, _ in state.pool]
-        paraphrases = clean_candidates([o[0] for o in outs], seen=seen)[: self.pop_size - len(top)]
-        scored, evaluated = self._score(paraphrases, task, scorer, "init")
+        kept = clean_with_parents([(o[0], t) for (t, _), o in zip(top, outs)], seen=seen)[: self.pop_size - len(top)]
+        paraphrases = [p for p, _ in kept]
+        scored, evaluated = self._score(paraphrases, task, scorer, "init", [t for _, t in kept])
         population = (tuple(top) + scored + state.pool[len(top):])[: self.pop_size]
         new = replace(state, population=population, step=state.step + 1, proposed=state.proposed + len(outs),
                       usable=state.usable + len(paraphrases))
@@ -244,39 +246,48 @@ class EvoPrompt:
         )
         return outs[0]
 
-    def _score(self, texts, task: Task, scorer: LM, kind: str):
+    def _score(self, texts, task: Task, scorer: LM, kind: str, parents=None):
+        """Each text's dev score (one scorer call) and its log record, with its parent ('' if none given)."""
         dev = fixed_dev(task, self.n_eval)
-        scores = score_prompts(task, [TextPrompt(t) for t in texts], dev, scorer)
-        scored = tuple(zip(texts, scores))
-        return scored, tuple(Evaluated(t, s, len(dev), kind) for t, s in scored)
+        results = scored_prompts(task, [TextPrompt(t) for t in texts], dev, scorer)
+        parents = parents or [""] * len(texts)
+        scored = tuple((t, s) for t, (s, _) in zip(texts, results))
+        evaluated = tuple(Evaluated(t, s, len(dev), kind, parent, **seen)
+                          for t, (s, seen), parent in zip(texts, results, parents))
+        return scored, evaluated
 
-    def _ga_contexts(self, state: EvoState, rng: np.random.Generator) -> list[str]:
-        """Roulette-wheel parent pairs, one meta-prompt per child."""
+    def _ga_contexts(self, state: EvoState, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+        """Roulette-wheel parent pairs, one meta-prompt per child; and each child's parent: the
+        better of its pair by dev score (the first drawn on a tie)."""
         texts = [t for t, _ in state.population]
         pairs = roulette_pairs(state, len(texts), rng)
-        return [GA_TEMPLATE.format(p1=texts[a], p2=texts[b]) for a, b in pairs]
+        better = [a if state.population[a][1] >= state.population[b][1] else b for a, b in pairs]
+        return [GA_TEMPLATE.format(p1=texts[a], p2=texts[b]) for a, b in pairs], [texts[i] for i in better]
 
-    def _ga_merge(self, state: EvoState, children: list[str], task: Task, scorer: LM):
-        fresh = clean_candidates(children, seen=[t for t, _ in state.population])
-        scored, evaluated = self._score(fresh, task, scorer, "offspring")
+    def _ga_merge(self, state: EvoState, children: list[str], parents: list[str], task: Task, scorer: LM):
+        kept = clean_with_parents(zip(children, parents), seen=[t for t, _ in state.population])
+        fresh = [c for c, _ in kept]
+        scored, evaluated = self._score(fresh, task, scorer, "offspring", [p for _, p in kept])
         # Parents first, stable sort: on a tie the incumbent survives.
         pool = sorted(state.population + scored, key=lambda p: -p[1])
         survivors = tuple(pool[: self.pop_size])
         return survivors, evaluated, sum(p in scored for p in survivors)
 
-    def _de_contexts(self, state: EvoState, rng: np.random.Generator) -> list[str]:
-        """One meta-prompt per member: two other members' differences, the best, the member."""
+    def _de_contexts(self, state: EvoState, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+        """One meta-prompt per member: two other members' differences, the best, the member; and
+        each child's parent: the member it is crossed with and may replace."""
         texts = [t for t, _ in state.population]
         best = max(range(len(texts)), key=lambda i: state.population[i][1])
         contexts = []
         for i, (a, b) in enumerate(donor_pairs(len(texts), rng)):
             contexts.append(DE_TEMPLATE.format(p1=texts[a], p2=texts[b], p3=texts[best], basic=texts[i]))
-        return contexts
+        return contexts, texts
 
-    def _de_merge(self, state: EvoState, children: list[str], task: Task, scorer: LM):
+    def _de_merge(self, state: EvoState, children: list[str], parents: list[str], task: Task, scorer: LM):
         known = {t.lower() for t, _ in state.population}
         slots = [i for i, c in enumerate(children) if c and c.lower() not in known]
-        scored, evaluated = self._score([children[i] for i in slots], task, scorer, "offspring")
+        scored, evaluated = self._score([children[i] for i in slots], task, scorer, "offspring",
+                                        [parents[i] for i in slots])
         population = list(state.population)
         for i, (text, score) in zip(slots, scored):
             if score > population[i][1]:  # strict: a tie keeps the member

@@ -87,7 +87,7 @@ from methods.base import Evaluated, Report, Snapshot, ranked
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
 from methods.text import input_texts
-from tasks.core import Task
+from tasks.core import Task, example_key
 from tasks.generative import is_generative
 
 # The reference's instruction-proposal prompt (strategies/instruction_proposal.py,
@@ -243,7 +243,7 @@ class GEPA:
         (run,) = run_many(task, [task.instruction], val, scorer)
         seed = Candidate(task.instruction, (), tuple(run.scores), float(task.score(run.predictions, val)))
         new = replace(state, pool=(seed,), rollouts=state.rollouts + len(val))
-        return new, Report(self._metrics(new), (Evaluated(seed.text, seed.score, len(val), "seed"),))
+        return new, Report(self._metrics(new), (record(seed, val, "seed", ""),))
 
     def _mutate(self, state: GEPAState, task: Task, val, scorer: LM, proposer: LM, rng: np.random.Generator):
         parent_idx = select_parent(state.pool, rng)
@@ -276,7 +276,8 @@ class GEPA:
         new, cand = self._admit(state, child, (parent_idx,), task, val, scorer)
         due = state.merges_due + int(self.use_merge and state.merges_accepted < self.max_merge_invocations)
         new = replace(new, accepted=state.accepted + 1, found_new=True, merges_due=due)
-        return new, Report(self._metrics(new, extra), (Evaluated(cand.text, cand.score, len(val), "child"),))
+        parent = state.pool[parent_idx].text
+        return new, Report(self._metrics(new, extra), (record(cand, val, "child", parent),))
 
     def _merge(self, state: GEPAState, task: Task, val, scorer: LM, rng: np.random.Generator):
         """One merge attempt; ``None`` when no pair can be merged (the iteration mutates instead)."""
@@ -299,7 +300,8 @@ class GEPA:
         known = dict(zip(picked, zip(sub.predictions, sub.scores)))  # its subsample runs are kept
         new, cand = self._admit(state, text, (i, j), task, val, scorer, known)
         new = replace(new, merges_due=state.merges_due - 1, merges_accepted=state.merges_accepted + 1)
-        return new, Report(self._metrics(new), (Evaluated(cand.text, cand.score, len(val), "merge"),))
+        # a merge has two parents; the log names the first (the lower pool index)
+        return new, Report(self._metrics(new), (record(cand, val, "merge", state.pool[i].text),))
 
     def _admit(self, state, text, parents, task, val, scorer, known=None):
         """Score ``text`` on the validation examples not in ``known`` (one call) and add it to the pool."""
@@ -353,6 +355,13 @@ class GEPA:
 
 
 # ---------------------------------------------------------------------------- running and traces
+
+
+def record(cand: Candidate, val: Sequence, kind: str, parent: str) -> Evaluated:
+    """The log row of a candidate admitted to the pool, with its per-example scores on the validation
+    examples (already kept for Pareto selection: no new call)."""
+    keys = tuple(example_key(ex) for ex in val)
+    return Evaluated(cand.text, cand.score, len(val), kind, parent, keys, cand.scores)
 
 
 def run_many(task, texts: Sequence[str], examples: Sequence, scorer: LM) -> list[Run]:

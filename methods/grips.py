@@ -31,7 +31,7 @@ import numpy as np
 
 from methods.ape import RESAMPLE_TEMPLATE
 from methods.base import Evaluated, Report
-from methods.evaluate import predict_many
+from methods.evaluate import predict_many, provenance
 from methods.lm import LM, Needs, PROPOSER_WRITES, TextPrompt
 from methods.racing import fixed_dev
 from tasks.core import Task
@@ -200,8 +200,11 @@ class GRIPS:
             proposed=state.proposed + len(drafts), usable=state.usable + len(edits),
         )
         kinds = ["seed"] * len(base) + ["edit"] * len(edits)
+        # every edit of a step is applied to the current instruction
+        parents = [""] * len(base) + [join(state.phrases)] * len(edits)
         # Logged with the task metric, like every method's candidates; the objective is in the metrics.
-        evaluated = tuple(Evaluated(t, m, len(dev), k) for t, m, k in zip(texts, metrics, kinds))
+        evaluated = tuple(Evaluated(t, m, len(dev), k, parent, **provenance(task, p, dev))
+                          for t, m, k, parent, p in zip(texts, metrics, kinds, parents, preds))
         return new, Report(self._metrics(new, scores[len(base) :]), evaluated)
 
     def _objective(self, task: Task, preds, dev) -> float:

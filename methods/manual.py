@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from methods.base import Evaluated, Report
-from methods.evaluate import score_prompts, subsample
+from methods.evaluate import scored_prompts, subsample
 from methods.lm import LM, Needs, TextPrompt
 from tasks.core import Task
 
@@ -51,8 +51,8 @@ class Manual:
 
     def step(self, state: ManualState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         dev = subsample(task.dev, self.n_eval, rng)
-        (score,) = score_prompts(task, [TextPrompt(state.instruction)], dev, scorer)
-        report = Report({"dev_score": score}, (Evaluated(state.instruction, score, len(dev), "manual"),))
+        ((score, seen),) = scored_prompts(task, [TextPrompt(state.instruction)], dev, scorer)
+        report = Report({"dev_score": score}, (Evaluated(state.instruction, score, len(dev), "manual", **seen),))
         return replace(state, dev_score=score), report
 
     def best(self, state: ManualState) -> TextPrompt:

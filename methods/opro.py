@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from methods.base import Evaluated, Report, Snapshot, ranked
-from methods.evaluate import score_prompts, subsample
+from methods.evaluate import scored_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import fixed_dev
 from methods.text import clean_candidates, input_texts
@@ -73,10 +73,22 @@ def meta_prompt(
     task: Task, history: Sequence[tuple[str, float]], exemplars: Sequence[Example], top_k: int
 ) -> str:
     """OPRO's meta-prompt: top ``top_k`` of ``history`` ascending by score, exemplars, the cue."""
-    top = sorted(history, key=lambda p: p[1])[-top_k:] if top_k > 0 else []
+    top = shown(history, top_k)
     pairs = "".join(PAIR.format(text=t, score=round(100 * s)) for t, s in top)
     demos = "".join(exemplar(task, ex) for ex in exemplars)
     return HEAD + pairs + (EXEMPLAR_HEAD + demos if demos else "") + CUE
+
+
+def shown(history: Sequence[tuple[str, float]], top_k: int) -> list[tuple[str, float]]:
+    """The past instructions a meta-prompt lists: the top ``top_k`` of ``history``, ascending by score."""
+    return sorted(history, key=lambda p: p[1])[-top_k:] if top_k > 0 else []
+
+
+def parent_of(history: Sequence[tuple[str, float]], top_k: int) -> str:
+    """What a proposal is written from: the best instruction its meta-prompt shows (listed last,
+    right before the cue); '' when it shows none."""
+    top = shown(history, top_k)
+    return top[-1][0] if top else ""
 
 
 @dataclass(frozen=True)
@@ -110,18 +122,20 @@ class OPRO:
 
     def step(self, state: OPROState, task: Task, scorer: LM, proposer: LM, rng: np.random.Generator):
         if not state.scored:
-            candidates, raw_n, kind = [task.instruction], 0, "seed"
+            candidates, raw_n, kind, parent = [task.instruction], 0, "seed", ""
         else:
             raws, banned = self._propose(state, task, proposer, rng)
             candidates = clean_candidates(raws, banned, [t for t, _ in state.scored])
-            raw_n, kind = len(raws), "candidate"
+            # every meta-prompt of a step shows the same trajectory, whatever its exemplars
+            raw_n, kind, parent = len(raws), "candidate", parent_of(state.scored, self.top_k)
         dev = fixed_dev(task, self.n_eval)
-        scores = score_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
+        results = scored_prompts(task, [TextPrompt(c) for c in candidates], dev, scorer)
+        scores = [s for s, _ in results]
         new = replace(
             state, scored=state.scored + tuple(zip(candidates, scores)), step=state.step + 1,
             proposed=state.proposed + raw_n, usable=state.usable + (len(candidates) if raw_n else 0),
         )
-        evaluated = tuple(Evaluated(c, s, len(dev), kind) for c, s in zip(candidates, scores))
+        evaluated = tuple(Evaluated(c, s, len(dev), kind, parent, **seen) for c, (s, seen) in zip(candidates, results))
         return new, Report(self._metrics(new, scores), evaluated)
 
     def _propose(self, state: OPROState, task: Task, proposer: LM, rng: np.random.Generator):

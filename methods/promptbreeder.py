@@ -527,7 +527,9 @@ class Promptbreeder:
             kinds = {i: "mutant" if i in changed else "rescored" for i in range(len(units))}
         else:  # fixed dev examples: only changed children need a score, a copy keeps its winner's
             kinds = {i: "mutant" for i in changed}
-        units, evaluated = self._evaluate(units, kinds, task, scorer, rng)
+        # a mutant is its winner's copy, mutated (and maybe crossed over): the winner is its parent
+        parents = {i: state.units[w].text for w, i in pairs if i in changed}
+        units, evaluated = self._evaluate(units, kinds, task, scorer, rng, parents)
         new = record(
             replace(
                 state, step=state.step + 1, proposed=state.proposed + n_contexts, usable=state.usable + usable,
@@ -544,9 +546,12 @@ class Promptbreeder:
             raise ValueError(f"Promptbreeder fitness_split=train needs training examples; task {task.name!r} has none")
         return subsample(task.train, self.n_eval, rng)
 
-    def _evaluate(self, units: Sequence[Unit], kinds: Mapping[int, str], task: Task, scorer: LM, rng):
-        """Score the units ``kinds`` names, each logged under its kind (one scorer call); then
-        shuffle each one's context with what it got right."""
+    def _evaluate(self, units: Sequence[Unit], kinds: Mapping[int, str], task: Task, scorer: LM, rng,
+                  parents: Mapping[int, str] | None = None):
+        """Score the units ``kinds`` names, each logged under its kind and parent ('' if ``parents``
+        names none) with its per-example outcomes (one scorer call); then shuffle each one's context
+        with what it got right."""
+        parents = parents or {}
         which, out = sorted(kinds), list(units)
         if not which:
             return out, ()
@@ -561,7 +566,8 @@ class Promptbreeder:
                 right = correct_workings(task, examples, row)
                 context = shuffle_context(context, right, self.max_context, self.context_refresh_p, rng)
             out[i] = replace(units[i], fitness=score, context=context)
-            evaluated.append(Evaluated(text, score, len(examples), kinds[i]))
+            evaluated.append(Evaluated(text, score, len(examples), kinds[i], parents.get(i, ""),
+                                       **evaluate.provenance(task, row, examples)))
         return out, tuple(evaluated)
 
     def _metrics(self, state: BreederState) -> dict[str, float]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from methods.ape import RESAMPLE_TEMPLATE
 from methods.base import Evaluated, Report, Snapshot, ranked
-from methods.evaluate import score_prompts, subsample
+from methods.evaluate import scored_prompts, subsample
 from methods.lm import LM, PROPOSER_WRITES, Needs, TextPrompt
 from methods.racing import Race, fixed_dev, minibatch_pull, predict_many, successive_rejects, ucb_race
 from methods.text import clean_candidates, clean_one
@@ -161,16 +161,18 @@ class ProTeGi:
         paraphrases = self._paraphrase(state.beam, edits, proposer, rng)
         per_member = self._successors(state.beam, edits, paraphrases, banned, rng)
         arms = list(state.beam) + [t for texts in per_member for t in texts]
+        # a successor's parent is the member it was expanded from (edits and paraphrases alike)
+        parents = {t: state.beam[j] for j, texts in enumerate(per_member) for t in texts}
         race = self._race(arms, task, scorer, rng)
         beam = tuple(arms[i] for i in (race.top(self.beam_size) if race else range(len(arms))))
-        scored, beam_eval = self._score_new(state, beam, task, scorer)
+        scored, beam_eval = self._score_new(state, beam, parents, task, scorer)
         new = replace(
             state, beam=beam, scored=scored, step=state.step + 1,
             pulls=state.pulls + (race.pulls if race else 0),
             proposed=state.proposed + raw_n + sum(len(p) for p in paraphrases),
             usable=state.usable + len(arms) - len(state.beam),
         )
-        evaluated = self._race_log(arms, race) + beam_eval
+        evaluated = self._race_log(arms, parents, race) + beam_eval
         return new, Report(self._metrics(new, errors, len(arms), race), evaluated)
 
     def _errors(
@@ -245,20 +247,23 @@ class ProTeGi:
             return ucb_race(len(arms), pull, self.budget, self.per_round, rng, self.ucb_c)
         return successive_rejects(len(arms), pull, self.budget, self.beam_size)
 
-    def _score_new(self, state: ProTeGiState, beam: tuple[str, ...], task: Task, scorer: LM):
+    def _score_new(self, state: ProTeGiState, beam: tuple[str, ...], parents, task: Task, scorer: LM):
         """Fixed-dev scores for survivors not scored before (one scorer call)."""
         known = dict(state.scored)
         new = [b for b in beam if b not in known]
         dev = fixed_dev(task, self.n_eval)
-        scores = score_prompts(task, [TextPrompt(b) for b in new], dev, scorer)
-        evaluated = tuple(Evaluated(b, s, len(dev), "beam") for b, s in zip(new, scores))
-        return state.scored + tuple(zip(new, scores)), evaluated
+        results = scored_prompts(task, [TextPrompt(b) for b in new], dev, scorer)
+        evaluated = tuple(Evaluated(b, s, len(dev), "beam", parents.get(b, ""), **seen)
+                          for b, (s, seen) in zip(new, results))
+        return state.scored + tuple((b, s) for b, (s, _) in zip(new, results)), evaluated
 
-    def _race_log(self, arms: list[str], race: Race | None) -> tuple[Evaluated, ...]:
+    def _race_log(self, arms: list[str], parents, race: Race | None) -> tuple[Evaluated, ...]:
+        """The race's means; no per-example outcomes (its minibatches are drawn per pull, not kept).
+        A member carried over from the last beam gets no parent here: its own record has it."""
         if race is None:
             return ()
         return tuple(
-            Evaluated(a, m, c * self.pull_size, "race")
+            Evaluated(a, m, c * self.pull_size, "race", parents.get(a, ""))
             for a, m, c in zip(arms, race.means, race.counts)
             if c > 0
         )

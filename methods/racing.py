@@ -148,11 +148,14 @@ class Halving:
         scores: each arm's metric on the examples it was scored on, ``[n]``.
         seen: how many examples (a prefix of the dev subset) each arm was scored on, ``[n]``.
         calls: scorer calls made (one per rung).
+        outcomes: each arm's per-example score on those examples (``evaluate.example_scores``),
+            so a log can say what each arm got right without running it again.
     """
 
     scores: tuple[float, ...]
     seen: tuple[int, ...]
     calls: int
+    outcomes: tuple[tuple[float, ...], ...] = ()
 
     def finalists(self) -> list[int]:
         """Arms scored on every example: the only scores comparable with each other."""
@@ -188,7 +191,8 @@ def successive_halving(
             keep = max(1, math.ceil(len(alive) / eta))
             alive = sorted(sorted(alive, key=lambda a: (-score[a], a))[:keep])
     scores = tuple(float(task.score(p, dev[: len(p)])) if len(p) else float("-inf") for p in preds)
-    return Halving(scores, tuple(len(p) for p in preds), calls)
+    outcomes = tuple(evaluate.example_scores(task, p, dev[: len(p)]) for p in preds)
+    return Halving(scores, tuple(len(p) for p in preds), calls, outcomes)
 
 
 def minibatch_pull(

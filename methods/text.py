@@ -44,16 +44,27 @@ def clean_candidates(
         banned: texts a candidate must not copy (the demo inputs shown to the proposer).
         seen: instructions already known (dropped as duplicates, case-insensitively).
     """
+    return [cand for cand, _ in clean_with_parents(((raw, "") for raw in raws), banned, seen)]
+
+
+def clean_with_parents(
+    raws: Iterable[tuple[str, str]], banned: Sequence[str] = (), seen: Iterable[str] = ()
+) -> list[tuple[str, str]]:
+    """:func:`clean_candidates` over ``(raw, parent)`` pairs, each kept candidate with its parent.
+
+    Cleaning drops and de-duplicates proposals, so positions no longer say which prompt a
+    candidate was written from; the pair keeps that link (a duplicate keeps its first parent).
+    """
     known = {_key(s) for s in seen}
     banned_keys = [_key(b) for b in banned if len(b) > 12]
     out = []
-    for raw in raws:
+    for raw, parent in raws:
         cand = clean_one(raw)
         key = _key(cand)
         if not cand or key in known or any(b in key or key in b for b in banned_keys):
             continue
         known.add(key)
-        out.append(cand)
+        out.append((cand, parent))
     return out
 
 

@@ -192,9 +192,18 @@ def _records(spec: dict, trial_id: str, run: dict, report, scorer: RoleLM, propo
     cost = {"scorer_examples": scorer.meter.examples, "scorer_calls": scorer.meter.charged_calls(),
             "tokens": scorer.meter.charged_tokens() + proposer.meter.charged_tokens(), "wall_s": run["elapsed"]}
     return [
-        {**base, "idx": i, "prompt": e.prompt, "score": e.score, "n": e.n, "kind": e.kind, **cost, "time": time.time()}
+        {**base, "idx": i, "prompt": e.prompt, "score": e.score, "n": e.n, "kind": e.kind, **_provenance(e),
+         **cost, "time": time.time()}
         for i, e in enumerate(report.evaluated)
     ]
+
+
+def _provenance(e) -> dict:
+    """Where a candidate came from and what it got right, for ``pipelines.distill`` (only what the method recorded)."""
+    out = {"parent": e.parent} if e.parent else {}
+    if e.examples:
+        out["examples"], out["outcomes"] = list(e.examples), [round(float(o), 4) for o in e.outcomes]
+    return out
 
 
 def _usage(run: dict, scorer: RoleLM, proposer: RoleLM) -> dict[str, float]:

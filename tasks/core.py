@@ -6,6 +6,8 @@ Nothing here knows about models, Ray or configs. Methods render prompts with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,14 @@ class Example:
     label: int
     choices: tuple[str, ...] | None = None
     group: str = ""
+
+
+def example_key(example) -> str:
+    """A short stable id of an example's inputs: the same sentence has the same key in every run
+    and split, so logs can say which examples a prompt was scored on (and a test example is
+    recognised wherever it appears)."""
+    blob = json.dumps(dict(example.inputs), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
 def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:

@@ -111,6 +111,40 @@ class PlantedLM:
         return " ".join(VOCAB[i % len(VOCAB)] for i in ids)
 
 
+class WritingLog(PlantedLM):
+    """:class:`PlantedLM` that keeps every generate context with each output it wrote for it, so a
+    test can tell which meta-prompt (and so which parent prompt) a candidate was written from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[tuple[str, str]] = []
+
+    def generate(self, contexts, **kw):
+        out = super().generate(contexts, **kw)
+        self.written += [(c, s) for c, row in zip(contexts, out) for s in row]
+        return out
+
+    def contexts_for(self, text: str, read=None) -> list[str]:
+        """Every context one of whose outputs, read as the method reads it (default: ``clean_one``), is ``text``."""
+        from methods.text import clean_one
+
+        read = read or clean_one
+        return [c for c, s in self.written if read(s) == text]
+
+
+def assert_outcomes(task: Task, record, examples: Sequence[Example]) -> None:
+    """``record`` (an ``Evaluated``) names ``examples`` in order, with what a fresh planted scorer gets
+    right on each under its prompt; on this accuracy task their mean is its score."""
+    from methods.evaluate import predict
+    from methods.lm import TextPrompt
+    from tasks.core import example_key
+
+    assert record.examples == tuple(example_key(ex) for ex in examples)
+    preds = predict(task, TextPrompt(record.prompt), examples, PlantedLM())
+    assert record.outcomes == tuple(float(task.is_correct(p, ex)) for p, ex in zip(preds, examples))
+    assert abs(float(np.mean(record.outcomes)) - record.score) < 1e-9
+
+
 def run_steps(method, task: Task, lm, steps: int, seed: int = 0):
     """Up to ``steps`` steps of ``method`` (fewer if it is done), ``lm`` as scorer and proposer.
 

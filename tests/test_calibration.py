@@ -13,9 +13,10 @@ from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
 from methods.calibration import Calibration, clean_input, ranker_seed, written_field
-from tasks.core import Example, Task
+from tasks.core import Example, Task, example_key
 from tests.fakes import (
-    PlantedGenLM, PlantedLM, label_word, planted_gen_task, planted_task, quality, resumed_and_uninterrupted, run_steps,
+    PlantedGenLM, PlantedLM, assert_outcomes, label_word, planted_gen_task, planted_task, quality,
+    resumed_and_uninterrupted, run_steps,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -390,6 +391,10 @@ def test_the_ranker_route_calibrates_a_ranker_then_improves_the_generation_promp
         assert quality(method.best(state).text) >= quality(task.instruction) + 0.2
         assert reports[-1].metrics["dev_score"] >= reports[0].metrics["dev_score"] + 0.2  # the task's own metric
         assert [e.kind for e in reports[0].evaluated] == ["seed"]
+        keys = tuple(example_key(ex) for ex in task.dev)
+        for e in (e for r in reports for e in r.evaluated):  # what each written answer scored on dev
+            assert e.examples == keys and np.mean(e.outcomes) == pytest.approx(e.score)
+            assert (e.parent == "") == (e.kind == "seed")
         gen_cases = [c for c in state.main.cases if not c.real]
         assert gen_cases and all(c.label is None and c.intended is None for c in gen_cases)  # rated, not labelled
         rated = [c for call in lm.scored for c in call if c.endswith("\nRating:")]
@@ -412,3 +417,26 @@ def test_calibration_yamls_instantiate(name):
     cfg = OmegaConf.load(ROOT / f"conf/method/{name}.yaml")
     method = hydra.utils.instantiate(cfg, _convert_="all")
     assert isinstance(method, Calibration) and method.n_synthetic >= 1 and method.select_on == "synthetic"
+
+
+def test_a_suggestion_records_the_prompt_it_was_asked_to_improve_and_its_dev_outcomes():
+    from methods.racing import fixed_dev
+
+    task, lm = planted_task(), RecordingLM()
+    method = Calibration(n_proposals=4, n_eval=16, annotator_instruction=INTENT, patience=0, select_on="dev")
+    rng = np.random.default_rng(0)
+    state, improved = method.init(task, lm, lm, rng), set()
+    for _ in range(5):
+        before, asked = state.main, len(lm.rounds)
+        state, report = method.step(state, task, lm, lm, rng)
+        for e in report.evaluated:
+            assert_outcomes(task, e, fixed_dev(task, 16))
+            if e.kind == "seed":
+                assert e.parent == ""
+                continue
+            # written last step, after the analysis of the prompt selected then
+            assert e.parent == before.best == before.rounds[-1].prompt and e.prompt in before.pending
+            improved.add(e.parent)
+        analysed = [c for contexts in lm.rounds[asked:] for c in contexts if c.endswith("Analysis:")]
+        assert all(f"Prompt: {state.main.best}\n" in c for c in analysed)  # what the next suggestions improve
+    assert len(improved) > 1  # the selection moved, and later suggestions name the new prompt

@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from methods.evoprompt import DEMO, EvoPrompt, EvoState, copies_demo, roulette_pairs, tagged
-from tests.fakes import PlantedLM, planted_task, quality, resumed_and_uninterrupted, run_steps
+from methods.racing import fixed_dev
+from tests.fakes import PlantedLM, assert_outcomes, planted_task, quality, resumed_and_uninterrupted, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 DECOY = "Seven purple banana maybe"
@@ -185,5 +186,41 @@ def test_the_population_starts_from_the_top_half_of_scored_manual_and_ape_prompt
     assert lm.contexts[1] == [RESAMPLE_TEMPLATE.format(instruction=t) for t, _ in top]
     assert len(state.population) == 4 and state.population[:2] == top
     assert {e.prompt for e in report.evaluated} <= {t for t, _ in state.population}
+    assert report.evaluated and {e.parent for e in report.evaluated} <= {t for t, _ in top}  # each paraphrases one
     state, _ = method.step(state, task, lm, lm, rng)  # then evolution as before
     assert len(state.population) == 4 and "Cross over" in lm.contexts[2][0]
+
+
+class PairChildLM(MemberChildLM):
+    """Also keeps each operator meta-prompt, so a test can read which prompts child ``i`` was bred from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operator_contexts = []
+
+    def generate(self, contexts, **kw):
+        if "</prompt>" in kw.get("stop", ()):
+            self.operator_contexts = list(contexts)
+        return super().generate(contexts, **kw)
+
+
+@pytest.mark.parametrize("variant", ["ga", "de"])
+def test_each_child_records_the_parent_it_was_bred_from_and_its_outcomes(variant):
+    task, lm = planted_task(), PairChildLM()
+    method = EvoPrompt(initial="paraphrase", variant=variant, pop_size=6, n_eval=16)
+    state, (first,) = run(method, task, lm, steps=1)
+    assert [e.parent for e in first.evaluated] == [""] + [task.instruction] * (len(first.evaluated) - 1)
+    _, report = method.step(state, task, lm, lm, np.random.default_rng(0))
+    score = dict(state.population)
+    assert report.evaluated
+    for e in first.evaluated + report.evaluated:
+        assert_outcomes(task, e, fixed_dev(task, 16))
+    for e in report.evaluated:
+        i = MemberChildLM.TAGS.index(e.prompt.split()[-1])
+        context = lm.operator_contexts[i]
+        if variant == "de":  # the member it is crossed with, whose slot it may take
+            assert e.parent == state.population[i][0]
+            assert context.endswith(f"Basic Prompt: {e.parent}\n\n1. Different parts:")
+        else:  # the better of the pair the meta-prompt crossed (its last pair; the first is the demo's)
+            p1, p2 = context.split("Prompt 1: ")[-1].split("\n")[0], context.split("Prompt 2: ")[-1].split("\n")[0]
+            assert e.parent == (p1 if score[p1] >= score[p2] else p2)

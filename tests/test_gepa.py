@@ -20,7 +20,8 @@ from methods.gepa import (
 from methods.lm import TextPrompt
 from methods.racing import fixed_dev
 from tests.fakes import (
-    PlantedGenLM, PlantedLM, planted_gen_task, planted_task, quality, resumed_and_uninterrupted, run_steps,
+    PlantedGenLM, PlantedLM, assert_outcomes, planted_gen_task, planted_task, quality, resumed_and_uninterrupted,
+    run_steps,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,3 +348,34 @@ def test_gepa_yamls_instantiate():
     for name in ("gepa", "gepa_paper"):
         method = hydra.utils.instantiate(OmegaConf.load(ROOT / f"conf/method/{name}.yaml"), _convert_="all")
         assert isinstance(method, GEPA) and method.minibatch_size == 3
+
+
+def test_a_child_records_the_parent_it_was_reflected_from_and_its_validation_outcomes():
+    task = planted_task()
+    val = fixed_dev(task, 5)
+    scores = [(1.0, 1.0, 1.0, 1.0, 0.0), (0.0, 0.0, 0.0, 0.0, 1.0)]  # both on the front: either can be the parent
+    pool = tuple(Candidate(t, (), s, float(np.mean(s))) for t, s in zip(("Mean parent", "Specialist parent"), scores))
+    method, shown = GEPA(n_val=len(val), skip_perfect_score=False), set()
+    for seed in range(30):
+        lm = Recording("```\nDecide the sentiment label carefully, review it.\n```")
+        _, report = method.step(GEPAState(pool=pool), task, lm, lm, np.random.default_rng(seed))
+        (context,), = lm.asked
+        for e in report.evaluated:
+            assert e.kind == "child" and e.parent == re.search(r"```\n(.*)\n```", context).group(1)
+            assert_outcomes(task, e, val)
+            shown.add(e.parent)
+    assert shown == {"Mean parent", "Specialist parent"}  # accepted children of either parent
+    _, (seed,) = run_steps(method, task, PlantedLM(), steps=1)
+    assert seed.evaluated[0].parent == "" and seed.evaluated[0].kind == "seed"
+    assert_outcomes(task, seed.evaluated[0], val)
+
+
+def test_a_merge_records_its_first_parent_and_its_validation_outcomes():
+    from tasks.core import example_key
+
+    task, lm = planted_task(), Specialist()
+    state, val = merge_ready(task, lm)
+    new, report = GEPA(n_val=5, use_merge=True).step(state, task, lm, lm, np.random.default_rng(0))
+    (e,) = report.evaluated
+    assert e.kind == "merge" and e.parent == state.pool[2].text  # parents (2, 3): the first
+    assert e.examples == tuple(example_key(ex) for ex in val) and e.outcomes == new.pool[-1].scores

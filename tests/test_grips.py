@@ -9,7 +9,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from methods.grips import GRIPS, add, delete, join, split_phrases, substitute, swap
-from tests.fakes import PlantedLM, planted_task, quality, resumed_and_uninterrupted, run_steps
+from methods.racing import fixed_dev
+from tests.fakes import PlantedLM, assert_outcomes, planted_task, quality, resumed_and_uninterrupted, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = "Read the text, then answer whether the statement is true or false."
@@ -148,3 +149,18 @@ def test_grips_with_the_paper_objective_keeps_an_instruction_that_does_not_colla
         state, _ = run(method, task, LabelMinded(), steps=10)
         chosen[objective] = method.best(state).text
     assert "carefully" not in chosen["metric"] and "carefully" in chosen["paper"], chosen
+
+
+def test_every_edit_records_the_instruction_it_was_applied_to_and_its_outcomes():
+    task = dataclasses.replace(planted_task(), instruction=BAD)
+    method = GRIPS(num_candidates=4, patience=10, n_eval=16)
+    lm, rng = PlantedLM(), np.random.default_rng(0)
+    state, bases = method.init(task, lm, lm, rng), []
+    for _ in range(4):
+        base = join(state.phrases)
+        state, report = method.step(state, task, lm, lm, rng)
+        for e in report.evaluated:
+            assert_outcomes(task, e, fixed_dev(task, 16))
+            assert e.parent == ("" if e.kind == "seed" else base) != e.prompt
+        bases.append(base)
+    assert len(set(bases)) > 1  # an edit was accepted, so later edits had another parent

@@ -8,7 +8,7 @@ import pytest
 from methods.ape import APE
 from methods.manual import Manual
 from methods.text import clean_candidates, clean_one
-from tests.fakes import PlantedLM, planted_task, quality
+from tests.fakes import PlantedLM, WritingLog, assert_outcomes, planted_task, quality
 
 
 def run(method, task, lm, steps=10, seed=0):
@@ -167,5 +167,41 @@ def test_ape_ucb_race_spends_its_pulls_and_scores_only_its_finalists_in_full():
     best_full = max(s for _, s in full.scored)
     assert max(s for _, s in state.scored) >= best_full - 0.1  # the race keeps a near-best candidate
     assert {e.kind for e in reports[0].evaluated} == {"candidate", "dropped"}
+    for e in reports[0].evaluated:  # finalists: their dev outcomes; the race's minibatches are not kept
+        assert len(e.outcomes) == (64 if e.kind == "candidate" else 0)
     with pytest.raises(ValueError, match="not both"):
         APE(ucb_pulls=10, halving_min=8)
+
+
+def test_manual_records_what_its_instruction_got_right_on_each_dev_example():
+    task = planted_task()
+    _, reports = run(Manual(), task, PlantedLM())
+    (record,) = reports[0].evaluated
+    assert record.parent == ""
+    assert_outcomes(task, record, task.dev)
+
+
+def test_ape_records_each_variation_with_the_candidate_it_varies_and_its_outcomes():
+    from methods.ape import RESAMPLE_TEMPLATE
+    from methods.evaluate import subsample
+
+    task, lm = planted_task(), WritingLog()
+    method = APE(n_prompts=6, n_eval=16, rounds=1, top_k=2, per_top=3)
+    _, (first, second) = run(method, task, lm)
+    dev = subsample(task.dev, 16, np.random.default_rng(0))
+    assert first.evaluated and all(e.parent == "" for e in first.evaluated)  # written from demos alone
+    top = {e.prompt for e in sorted(first.evaluated, key=lambda e: -e.score)[:2]}
+    assert {e.parent for e in second.evaluated} == top  # both top candidates have children here
+    for e in first.evaluated + second.evaluated:
+        assert_outcomes(task, e, dev)
+    for e in second.evaluated:
+        assert RESAMPLE_TEMPLATE.format(instruction=e.parent) in lm.contexts_for(e.prompt)
+
+
+def test_ape_halving_records_the_prefix_each_candidate_was_scored_on():
+    task = planted_task(n_dev=32)
+    _, (report,) = run(APE(n_prompts=10, n_eval=0, halving_min=8), task, PlantedLM(), steps=1)
+    assert {e.kind for e in report.evaluated} == {"candidate", "dropped"}
+    for e in report.evaluated:
+        seen = 32 if e.kind == "candidate" else e.n
+        assert_outcomes(task, e, task.dev[:seen])

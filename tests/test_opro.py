@@ -8,7 +8,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from methods.opro import OPRO, OPROState, meta_prompt
-from tests.fakes import PlantedLM, planted_task, quality, resumed_and_uninterrupted, run_steps
+from methods.racing import fixed_dev
+from tests.fakes import (PlantedLM, WritingLog, assert_outcomes, planted_task, quality, resumed_and_uninterrupted,
+                         run_steps)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,3 +108,20 @@ def test_one_meta_prompt_per_step_is_sampled_for_every_proposal_as_the_paper_doe
     run(OPRO(n_proposals=5, shared_meta_prompt=False), task, lm, steps=2)
     (contexts, n), = lm.asked
     assert len(contexts) == 5 and n == 1 and len(set(contexts)) > 1  # each its own exemplar draw
+
+
+def test_opro_records_the_best_shown_instruction_as_each_proposals_parent_and_its_outcomes():
+    task, lm = planted_task(), WritingLog()
+    _, reports = run(OPRO(n_proposals=4, n_eval=16, top_k=3), task, lm, steps=4)
+    assert reports[0].evaluated[0].parent == ""  # the seed
+    history = []
+    for report in reports:
+        for e in report.evaluated:
+            assert_outcomes(task, e, fixed_dev(task, 16))
+            if e.kind == "candidate":
+                best_shown = sorted(history, key=lambda p: p[1])[-1][0]
+                assert e.parent == best_shown
+                (context, *_) = lm.contexts_for(e.prompt)
+                assert re.findall(r"text:\n(.*)\nscore", context)[-1] == e.parent  # right before the cue
+        history += [(e.prompt, e.score) for e in report.evaluated]
+    assert len({e.parent for r in reports[1:] for e in r.evaluated}) > 1  # the parent moved as the search climbed

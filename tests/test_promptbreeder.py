@@ -19,7 +19,7 @@ from methods.promptbreeder import (
 from methods.lm import TextPrompt
 from methods.racing import fixed_dev, predict_many
 from tests.fakes import (
-    GOOD_WORDS, FewShotPlantedLM, PlantedLM, planted_task, quality, resumed_and_uninterrupted,
+    GOOD_WORDS, FewShotPlantedLM, PlantedLM, assert_outcomes, planted_task, quality, resumed_and_uninterrupted,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -497,3 +497,20 @@ def test_paper_preset_has_the_papers_settings():
     assert (method.crossover_p, method.context_refresh_p, method.max_context) == (0.1, 0.1, 3)
     assert method.operators == OPERATORS and method.on_unusable == "copy" and method.max_new_tokens == 50
     assert method.mutation_prompts == MUTATION_PROMPTS and method.thinking_styles == THINKING_STYLES
+
+
+def test_a_mutant_records_the_winner_it_was_mutated_from_and_its_outcomes():
+    task, lm = planted_task(), RecordingLM()
+    method = Promptbreeder(pop_size=6, operators=("first_order",), crossover_p=0.0, n_eval=16)
+    state, (first,) = run(method, task, lm, steps=1, seed=1)
+    assert all(e.parent == "" for e in first.evaluated)  # the first units: from seed lists alone
+    new, report = method.step(state, task, lm, lm, np.random.default_rng(2))
+    winner_of = {loser: w for w, loser in tournaments(state.units, np.random.default_rng(2))}
+    mutants = [(i, e) for e in report.evaluated for i, u in enumerate(new.units) if u.text == e.prompt]
+    assert mutants and len(mutants) == len(report.evaluated)
+    for i, e in mutants:
+        parent = state.units[winner_of[i]]
+        assert e.parent == parent.text != state.units[i].text
+        # first order: the winner's task prompts with one of them rewritten
+        assert sum(a != b for a, b in zip(e.prompt.split("\n"), parent.prompts)) == 1
+        assert_outcomes(task, e, fixed_dev(task, 16))

@@ -10,8 +10,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from methods.protegi import ProTeGi, error_block, first_usable, sample_errors
-from methods.racing import predict_many, successive_rejects, ucb_race
-from tests.fakes import PlantedLM, planted_task, quality, run_steps
+from methods.racing import fixed_dev, predict_many, successive_rejects, ucb_race
+from methods.text import clean_one
+from tests.fakes import PlantedLM, WritingLog, assert_outcomes, planted_task, quality, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,3 +176,36 @@ def test_first_usable_skips_what_small_models_write_before_the_item():
     assert first_usable(" and ") == "" and first_usable("") == ""
     echo = '\nThe 1 new prompt is:\nText: "a review"\n= "Judge the tone of each text."'
     assert first_usable(echo) == "Judge the tone of each text."
+
+
+def _members_behind(lm: WritingLog, text: str, beam) -> set[str]:
+    """The beam members ``text`` could have been written from: through the edit meta-prompt that
+    wrote it, or the paraphrase of a member or of such an edit."""
+    found = set()
+    for context in lm.contexts_for(text, read=lambda s: clean_one(first_usable(s))):
+        found |= set(re.findall(r'My current prompt is:\n"(.*)"', context)) & set(beam)
+    for context in lm.contexts_for(text):
+        for source in re.findall(r"^Input: (.*)\n\nOutput:", context, re.MULTILINE):
+            found |= {source} if source in beam else _members_behind(lm, source, beam)
+    return found
+
+
+def test_protegi_records_the_member_each_new_prompt_was_expanded_from():
+    task, lm = planted_task(), WritingLog()
+    method = ProTeGi(beam_size=2, budget=16, pull_size=4, n_eval=16)
+    rng = np.random.default_rng(0)
+    state, children_of = method.init(task, lm, lm, rng), set()
+    for _ in range(3):
+        beam = state.beam
+        state, report = method.step(state, task, lm, lm, rng)
+        for e in report.evaluated:
+            if e.kind == "beam":
+                assert_outcomes(task, e, fixed_dev(task, 16))
+            else:  # the race's minibatches are not kept
+                assert e.examples == e.outcomes == ()
+            if e.prompt in beam:
+                assert e.parent == ""  # the seed (or a member carried over): not written this step
+            else:
+                assert e.parent in _members_behind(lm, e.prompt, beam)
+                children_of.add(beam.index(e.parent))
+    assert children_of == {0, 1}  # children of the second member too, not only of the first
