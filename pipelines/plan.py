@@ -246,14 +246,25 @@ def trial_specs(cfg: DictConfig, search_dirs: list[Path], choices: dict) -> list
     base = OmegaConf.to_container(cfg.task, resolve=True)
     raw = cfg.search.get("tasks")
     variants = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else (raw or {})
-    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
-        raise UserError("search.tasks must map a name to task overrides, e.g. {navigate: {task_name: navigate}}")
-    tasks = {k: {**base, **v} for k, v in variants.items()} or {choices.get("task") or "task": base}
+    tasks = task_configs(base, variants, choices.get("task") or "task")
     configs = {m: method_config(m, cfg, search_dirs, choices.get("method")) for m in methods}
     return [
         {"method_name": m, "method": configs[m], "task_name": name, "task": task, "seed": int(s)}
         for (name, task), m, s in itertools.product(tasks.items(), methods, cfg.search.seeds)
     ]
+
+
+def task_configs(base: dict, variants: dict, default_name: str = "task") -> dict[str, dict]:
+    """Each of a sweep's tasks by name: ``search.tasks`` entries over the ``task`` config, or the task alone.
+
+    An entry that names another ``_target_`` is a task of its own (SST-2 next to MR), not an
+    override of the base one: the base's arguments would not fit its constructor.
+    """
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise UserError("search.tasks must map a name to task overrides, e.g. {navigate: {task_name: navigate}}")
+    own = {k: v if v.get("_target_", base.get("_target_")) != base.get("_target_") else {**base, **v}
+           for k, v in variants.items()}
+    return own or {default_name: base}
 
 
 def sample_space(params: dict) -> dict:

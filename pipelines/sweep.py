@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -55,10 +56,24 @@ def start_ray(cfg: dict) -> str:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(namespace=namespace, _temp_dir=cfg["ray"]["temp_dir"], include_dashboard=False,
-                 num_cpus=os.cpu_count(), log_to_driver=True, logging_level=logging.WARNING)
+                 num_cpus=local_cpus(cfg), log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise UserError(f"cannot start a local Ray: {first_line(err)}") from err
     return namespace
+
+
+def local_cpus(cfg: dict) -> int:
+    """Logical CPUs of a local Ray: the machine's, or enough for the LM actors and one trial.
+
+    Ray's CPUs are scheduling tokens, not cores: a scorer and a separate proposer reserving one
+    each took both of a 2-core machine's, and the trial waited for a CPU forever. The actors and
+    trials share the cores anyway, so the local Ray counts enough tokens for all of them.
+    """
+    res = cfg.get("resources") or {}
+    if "lm" not in cfg or "replicas" not in res:
+        return os.cpu_count() or 1
+    actors = sum(p.replicas * p.num_cpus for p in pool_specs(cfg) if not p.shared_with)
+    return max(os.cpu_count() or 1, math.ceil(actors + float(res.get("trial_cpus", 0))))
 
 
 class _QuietThreadWarning(logging.Filter):

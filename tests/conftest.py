@@ -37,9 +37,9 @@ def data_dir() -> Path:
     return DATA
 
 
-def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m pipelines.run ARGS`` from the repo root; output captured as text."""
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None, module: str = "pipelines.run") -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` (the sweep by default) from the repo root; output captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, "WANDB_SILENT": "true", **(env or {})},
     )
