@@ -6,6 +6,7 @@ Usage::
     python -m pipelines.distill rounds pairs.jsonl out=DIR rounds=2 -- +experiment=distill_sources
     python -m pipelines.distill train pairs.jsonl base=smollm2 out=REWRITER_DIR
     python -m pipelines.run method=promptimal model@lm.proposer=hf lm.proposer.model=REWRITER_DIR ...
+    python -m pipelines.distill compare base:RUN_DIR rewriter:RUN_DIR
 
 ``build`` turns runs' evaluation logs into training pairs: a child candidate and the parent it
 was written from (every text method records the link), kept when the child scored higher on
@@ -26,6 +27,10 @@ checkpoint in ``OUT/checkpoints``, shows the trainer's progress bar, logs the lo
 ``OUT/loss.jsonl`` (and W&B with ``logger=wandb``) and saves the merged model in ``OUT``, a
 directory ``model@lm.proposer=hf lm.proposer.model=OUT`` loads like any other. Only the
 completion (the improved prompt) is trained on; the request is context.
+
+``compare`` puts the methods of several runs side by side (runs whose proposers differ cannot
+share one sweep): each method's test score with its 95% interval over the test examples, and a
+paired permutation test against ``manual`` and ``ape`` on the same examples.
 
 Bad input is one ``error:`` line and exit status 2, before Ray starts.
 """
@@ -51,7 +56,8 @@ from tasks.core import example_key
 USAGE = """usage:
   python -m pipelines.distill build RUN_DIR [RUN_DIR ...] out=PAIRS.jsonl [min_gain=0] [max_similarity=0.9] [min_common=8] [n_failures=3] [data_dir=DIR]
   python -m pipelines.distill rounds PAIRS.jsonl out=DIR [rounds=2] [per_task=3] [steps=1] -- SWEEP_OVERRIDES...
-  python -m pipelines.distill train PAIRS.jsonl out=DIR [base=smollm2] [epochs=2] [lr=2e-4] [lora_r=16] [batch_size=4] [max_len=512] [logger=none|wandb]"""
+  python -m pipelines.distill train PAIRS.jsonl out=DIR [base=smollm2] [epochs=2] [lr=2e-4] [lora_r=16] [batch_size=4] [max_len=512] [logger=none|wandb]
+  python -m pipelines.distill compare [LABEL:]RUN_DIR [LABEL:]RUN_DIR ...   (methods of runs with different proposers, paired)"""
 
 COPY_CHARS = 24  # a child holding this much of an example's text verbatim copies it
 
@@ -280,6 +286,20 @@ def hardest_prompts(pairs: list[dict], per_task: int) -> dict[str, list[str]]:
             for task, by_text in scores.items()}
 
 
+def next_starts(last: list[dict], pairs: list[dict], used: set, per_task: int) -> dict[str, list[str]]:
+    """A round's start prompts per task: the last round's improvements (weakest first), then the
+    hardest prompts of all the pairs, never one already started from."""
+    out: dict[str, list[str]] = {}
+    improved = sorted(last, key=lambda p: p["child_score"])
+    hardest = hardest_prompts(pairs, len(pairs) * 2 or 1)
+    for task in dict.fromkeys([p["task"] for p in improved] + list(hardest)):
+        pool = [p["child"] for p in improved if p["task"] == task] + hardest.get(task, [])
+        fresh = [t for t in dict.fromkeys(pool) if (task, t) not in used and len(_words(t)) >= 2]
+        if fresh:
+            out[task] = fresh[:per_task]
+    return out
+
+
 def rounds(dataset: Path, out: Path, overrides: Sequence[str], *, n_rounds: int = 2, per_task: int = 3,
            steps: int = 1, build_args: dict | None = None) -> Path:
     """Promptimal's improvement rounds, each a ``method=promptimal`` sweep from the hardest prompts."""
@@ -287,17 +307,21 @@ def rounds(dataset: Path, out: Path, overrides: Sequence[str], *, n_rounds: int 
     if not pairs:
         raise UserError(f"{dataset}: no pairs to start rounds from")
     out.mkdir(parents=True, exist_ok=True)
-    merged = list(pairs)
+    merged, used, last = list(pairs), set(), []
     for k in range(1, n_rounds + 1):
         rdir = out / f"round_{k}"
-        # keyed by Task.name, as the pairs are: what the method looks its starts up by
-        starts = hardest_prompts(merged, per_task)
+        # Round 1 rewrites the hardest prompts; later rounds improve what the round before wrote
+        # (Promptimal's "rounds of incremental improvements"), topped up with the hardest prompts
+        # not yet tried. Keyed by Task.name, as the pairs are: what the method looks starts up by.
+        starts = next_starts(last, merged, used, per_task)
+        used |= {(t, p) for t, ps in starts.items() for p in ps}
         write_json(rdir / "starts.json", starts)
         run_dir = rdir / "run"
         # ++search.method_overrides: an experiment's own promptimal overrides must not undo these
         cmd = [sys.executable, "-m", "pipelines.run", *overrides, "method=promptimal", "search.methods=[promptimal]",
                f"++search.method_overrides.promptimal.starts_file={(rdir / 'starts.json').resolve()}",
-               f"++search.method_overrides.promptimal.steps={steps}", f"hydra.run.dir={run_dir.resolve()}"]
+               f"++search.method_overrides.promptimal.steps={steps}", f"search.seeds=[{k - 1}]",
+               f"hydra.run.dir={run_dir.resolve()}"]
         print(f"[distill] round {k}/{n_rounds}: rewriting {sum(map(len, starts.values()))} hard prompts of "
               f"{len(starts)} task(s)", flush=True)
         done = subprocess.run(cmd, check=False)
@@ -305,7 +329,8 @@ def rounds(dataset: Path, out: Path, overrides: Sequence[str], *, n_rounds: int 
             raise UserError(f"round {k}: the sweep failed (exit {done.returncode}); see its output above")
         new = build([run_dir], rdir / "pairs.jsonl", **(build_args or {}))
         print(f"[distill] round {k}: {new.kept} new pairs", flush=True)
-        merged += read_jsonl(rdir / "pairs.jsonl")
+        last = read_jsonl(rdir / "pairs.jsonl")
+        merged += last
     merged_counts = Counts()
     merged = _dedupe([{**p, "round": p.get("round", 0)} for p in merged], (build_args or {}).get("max_similarity", 0.9),
                      merged_counts)
@@ -472,6 +497,51 @@ class _Collate:
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
+# ---------------------------------------------------------------------------- compare
+
+
+def compare(runs: Sequence[Path], labels: Sequence[str], baselines: Sequence[str] = ("manual", "ape")) -> list[dict]:
+    """Every method of several runs (each with its own proposer) on their shared tasks: test score,
+    95% interval over the test examples, and paired p against each baseline method found.
+
+    The runs must have scored the same test examples (the same task settings); each method's
+    seeds are averaged per example first, as the report does.
+    """
+    from pipelines.results import trial_results
+    from pipelines.stats import bootstrap_interval, paired_p
+
+    scores: dict[tuple[str, str], list] = {}
+    for run, label in zip(runs, labels):
+        for row in trial_results(run):
+            path = run / str(row.get("outputs", ""))
+            if not row.get("outputs") or not path.is_file():
+                continue
+            per = [r["score"] for r in read_jsonl(path)]
+            name = f"{row['method']}@{label}" if label else row["method"]
+            scores.setdefault((row["task"], name), []).append(per)
+    table = []
+    for (task, name), seeds in sorted(scores.items()):
+        import numpy as np
+
+        mat = np.array(seeds, dtype=float).T  # [n_test, seeds]
+        lo, hi = bootstrap_interval(mat)
+        row = {"task": task, "method": name, "test": float(mat.mean()), "ci": (lo, hi), "n": mat.shape[0]}
+        for base in baselines:
+            other = [k for k in scores if k[0] == task and k[1].split("@")[0] == base and k[1] != name]
+            if other:
+                ref = np.array(scores[other[0]], dtype=float).T
+                row[f"p_vs_{other[0][1]}"] = paired_p(mat, ref) if ref.shape[0] == mat.shape[0] else float("nan")
+        table.append(row)
+    return table
+
+
+def _print_compare(table: list[dict]) -> None:
+    for r in table:
+        ps = ", ".join(f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("p_vs_"))
+        print(f"{r['task']:<10} {r['method']:<24} {r['test']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] n={r['n']}"
+              + (f"  p vs {ps}" if ps else ""), flush=True)
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -540,9 +610,9 @@ def _check_train(args: TrainArgs) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if not argv or argv[0] not in ("build", "rounds", "train"):
+        if not argv or argv[0] not in ("build", "rounds", "train", "compare"):
             print(USAGE, flush=True)
-            raise UserError("name a command: build, rounds or train (usage above)")
+            raise UserError("name a command: build, rounds, train or compare (usage above)")
         command, rest = argv[0], argv[1:]
         if command == "build":
             paths, opts = _options(rest, BUILD_OPTS)
@@ -556,6 +626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if n_rounds < 1 or per_task < 1 or steps < 1:
                 raise UserError("rounds, per_task and steps must be >= 1")
             rounds(dataset, out, sweep, n_rounds=n_rounds, per_task=per_task, steps=steps, build_args=opts)
+        elif command == "compare":
+            paths, _ = _options(rest, {})
+            dirs = _run_dirs([p.split(":", 1)[-1] for p in paths])
+            _print_compare(compare(dirs, [p.split(":", 1)[0] if ":" in p else "" for p in paths]))
         else:
             paths, opts = _options(rest, TRAIN_OPTS)
             out, dataset = _out(opts), _dataset(paths)

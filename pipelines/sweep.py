@@ -18,12 +18,13 @@ from ray import tune
 
 from methods.lm import GENERATE, Request
 from pipelines.lm.budget import Budget, trial_settings
-from pipelines.lm.cache import cache_path, model_key
+from pipelines.lm.cache import cache_path, model_key, trial_cache_path
+from pipelines.lm.shared_cache import CACHE_ACTOR, start_cache_actor, use_actor
 from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
 from pipelines.lm.stack import role_lm
 from pipelines.progress import SweepProgress
 from pipelines.plan import (
-    CONNECT_TIMEOUT_S, SECRET_KEY, Plan, UserError, check_address, first_line, redact, task_key,
+    CONNECT_TIMEOUT_S, ROLES, SECRET_KEY, Plan, UserError, check_address, first_line, redact, task_key,
 )
 from pipelines.results import merge_evaluations, trial_results, write_json
 from pipelines.summary import print_table
@@ -151,12 +152,16 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
     write_json(run_dir / "config.json", redact(cfg))
     namespace = start_ray(cfg)
     try:
+        if service(cfg) and not (cfg["ray"].get("address") or os.environ.get("RAY_ADDRESS")):
+            print(f"[promptsweep] warning: lm.service={service(cfg)!r} on a Ray started for this sweep ends with it; "
+                  "start a cluster (ray start --head) and pass ray.address=auto to keep it for later sweeps", flush=True)
         pools = pool_specs(cfg)
         # Held for the whole sweep: an actor whose last handle is dropped is killed.
         try:
-            handles = [start_pool(p, namespace) for p in pools]
+            handles = [start_pool(p, namespace, service=service(cfg)) for p in pools]
         except ModelStartError as err:
             raise UserError(str(err)) from err
+        cache_actor, _cache_handle = _cache_actor(cfg, namespace)
         lms = {pool.role: _driver_lm(cfg, plan, pool.role, h) for pool, h in zip(pools, handles) if h}
         check_context(plan, lms["scorer"])
         if "proposer" in lms and GENERATE in plan.capabilities["proposer"]:
@@ -165,7 +170,8 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
             run_dir=str(run_dir), namespace=namespace, scorer=_serving(pools[0]), proposer=_serving(pools[1]),
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},
             max_steps=int(cfg["search"]["max_steps"]),
-            cache_path=cache_path(cfg.get("cache")), model_keys={r: model_key(cfg["lm"][r]) for r in cfg["lm"]},
+            cache_path=trial_cache_path(cfg.get("cache")), cache_actor=cache_actor, service=service(cfg),
+            model_keys={r: model_key(cfg["lm"][r]) for r in ROLES},
             capabilities=plan.capabilities, logger=cfg["logger"], **trial_settings(cfg),
         )
         grid = _fit(cfg, plan.specs, plan.space, run_dir, ctx)
@@ -178,6 +184,25 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
         # within the final second (a short sweep lost whole trials' step and done lines).
         time.sleep(LOG_DRAIN_S)
         ray.shutdown()
+
+
+def service(cfg: dict) -> str:
+    """The standing model service the sweep's pools belong to (``lm.service``), or ``""``."""
+    return str((cfg.get("lm") or {}).get("service") or "")
+
+
+def _cache_actor(cfg: dict, namespace: str):
+    """Start the cluster's cache actor when the cache is to be shared that way: ``(its name, its handle)``
+    (the handle is held for the sweep: an actor whose last handle is dropped is killed), or ``("", None)``."""
+    path = cache_path(cfg.get("cache"))
+    try:
+        if not path or not use_actor((cfg.get("cache") or {}).get("shared", "auto")):
+            return "", None
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    handle = start_cache_actor(path, namespace)
+    print(f"[promptsweep] evaluation cache: served to every node by one actor on this node ({path})", flush=True)
+    return CACHE_ACTOR, handle
 
 
 def sweep_group(run_dir: Path) -> str:

@@ -25,6 +25,7 @@ from methods.lm import EXPORT_PROMPT, PrefixPrompt, SoftPrompt, TokenPrompt
 from methods.racing import prediction_dtype
 from pipelines.lm.budget import Budget, BudgetExhausted, Price, share_spent
 from pipelines.lm.pool import connect
+from pipelines.lm.shared_cache import RemoteStore
 from pipelines.lm.stack import RoleLM, role_lm
 from pipelines.live import LiveLog, start_run, step_rows
 from pipelines.plan import build, redact
@@ -50,6 +51,10 @@ class TrialContext:
         budget: per-role limits (the ``budget`` config); ``prices`` price each role's tokens.
         capabilities: what each role's backend declares, by role.
         logger: the W&B settings each trial's live run uses (``logger`` config, with its group).
+        cache_actor: the cluster's cache actor, by name in ``namespace`` (``""``: each trial
+            opens ``cache_path`` itself; see ``pipelines/lm/shared_cache.py``).
+        service: the standing model service serving both roles (``lm.service``; ``""``: the
+            sweep's own pools).
     """
 
     run_dir: str
@@ -64,6 +69,8 @@ class TrialContext:
     prices: dict = field(default_factory=dict)
     capabilities: dict = field(default_factory=dict)
     logger: dict = field(default_factory=dict)
+    cache_actor: str = ""
+    service: str = ""
 
 
 def apply_samples(spec: dict, sample: dict) -> dict:
@@ -148,9 +155,10 @@ def _wandb_config(ctx: TrialContext, spec: dict) -> dict:
 def _lm(ctx: TrialContext, role: str) -> RoleLM:
     """The role's LM: the shared actors, behind the evaluation cache, behind the budget."""
     pool, replicas = getattr(ctx, role)
+    store = RemoteStore(ctx.cache_actor, ctx.namespace) if ctx.cache_actor and ctx.cache_path else None
     return role_lm(
-        connect(pool, replicas, ctx.namespace), ctx.capabilities.get(role, frozenset()),
-        cache_path=ctx.cache_path, model_key=ctx.model_keys.get(role, ""),
+        connect(pool, replicas, ctx.namespace, ctx.service), ctx.capabilities.get(role, frozenset()),
+        cache_path=ctx.cache_path, model_key=ctx.model_keys.get(role, ""), store=store,
         limits=getattr(Budget.parse(ctx.budget), role), role=role, price=ctx.prices.get(role, Price()),
     )
 

@@ -56,23 +56,28 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start_head(self, num_cpus: int, resources: dict | None = None, timeout_s: float = 90) -> str:
+    def start_head(self, num_cpus: int, resources: dict | None = None, timeout_s: float = 90,
+                   env: dict | None = None) -> str:
         port = free_port()
-        self._start("head", ["--head", f"--port={port}", "--include-dashboard=false"], num_cpus, resources, timeout_s)
+        self._start("head", ["--head", f"--port={port}", "--include-dashboard=false"], num_cpus, resources, timeout_s,
+                    env)
         self.address = (self.root / "head" / "ray_current_cluster").read_text().strip()
         return self.address
 
-    def add_node(self, name: str, num_cpus: int, resources: dict | None = None, timeout_s: float = 90) -> None:
-        self._start(name, [f"--address={self.address}"], num_cpus, resources, timeout_s)
+    def add_node(self, name: str, num_cpus: int, resources: dict | None = None, timeout_s: float = 90,
+                 env: dict | None = None) -> None:
+        """Another node; ``env`` adds to its processes' environment (a node of its own: its own cache root)."""
+        self._start(name, [f"--address={self.address}"], num_cpus, resources, timeout_s, env)
 
-    def _start(self, name: str, args: list[str], num_cpus: int, resources: dict | None, timeout_s: float) -> None:
+    def _start(self, name: str, args: list[str], num_cpus: int, resources: dict | None, timeout_s: float,
+               env: dict | None = None) -> None:
         temp = self.root / name
         temp.mkdir()
         log = open(self.root / f"{name}.log", "w")
         cmd = [RAY, "start", *args, f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats", "--block"]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
-        self.nodes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+        self.nodes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
                                             start_new_session=True)
         log.close()
         self._wait_started(name, timeout_s)

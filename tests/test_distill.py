@@ -256,8 +256,11 @@ def test_rounds_rewrite_each_tasks_hardest_prompts_and_keep_every_rounds_pairs(t
     monkeypatch.setattr(distill.subprocess, "run", fake_sweep)
     merged = distill.rounds(tmp_path / "pairs.jsonl", tmp_path / "out", ["+experiment=x"], n_rounds=2, per_task=1)
     assert len(commands) == 2 and all("+experiment=x" in c and "method=promptimal" in c for c in commands)
-    # round 1 starts from the lowest-scoring prompt; round 2 from the lowest after round 1's pairs joined
+    # round 1 starts from the lowest-scoring prompt; round 2 improves what round 1 wrote, with a new seed
     assert json.loads((tmp_path / "out/round_1/starts.json").read_text()) == {"planted": ["Answer the case now"]}
+    assert json.loads((tmp_path / "out/round_2/starts.json").read_text()) == {
+        "planted": ["Decide carefully whether round 1 says yes"]}
+    assert [next(a for a in c if a.startswith("search.seeds=")) for c in commands] == ["search.seeds=[0]", "search.seeds=[1]"]
     for k in (1, 2):
         (pair,) = _pairs(tmp_path / f"out/round_{k}/pairs.jsonl")
         assert pair["child"] == f"Decide carefully whether round {k} says yes" and pair["gain"] == 0.5
@@ -267,3 +270,24 @@ def test_rounds_rewrite_each_tasks_hardest_prompts_and_keep_every_rounds_pairs(t
 def test_a_reordering_of_the_parents_words_is_a_near_duplicate():
     assert distill.similarity("Classify the review as good or bad", "as good or bad Classify the review") == 1.0
     assert distill.similarity("Classify the review", "Decide what the review says") < 0.9
+
+
+def test_compare_pairs_methods_of_different_runs_on_the_same_test_examples(tmp_path, capsys):
+    def run(name, method, scores):
+        d = tmp_path / name
+        (d / "trials").mkdir(parents=True)
+        (d / "outputs").mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "outputs" / f"{method}.jsonl").write_text("".join(json.dumps({"score": s}) + "\n" for s in scores))
+        (d / "trials" / f"{method}.json").write_text(json.dumps(
+            {"task": "cr", "method": method, "seed": 0, "outputs": f"outputs/{method}.jsonl"}))
+        return d
+
+    base = run("base", "manual", [0, 1] * 20)
+    rewriter = run("rewriter", "promptimal", [1] * 40)
+    assert distill.main(["compare", f"b:{base}", f"r:{rewriter}"]) == 0
+    out = capsys.readouterr().out
+    assert "promptimal@r" in out and "0.500" in out and "1.000" in out
+    table = distill.compare([base, rewriter], ["b", "r"])
+    (row,) = [r for r in table if r["method"] == "promptimal@r"]
+    assert row["p_vs_manual@b"] < 0.01 and row["n"] == 40

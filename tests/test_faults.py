@@ -204,6 +204,48 @@ def test_worker_node_killed_mid_sweep_its_trial_resumes_from_checkpoint(tmp_path
     assert (lost, dup) == (0, 0)
 
 
+@pytest.mark.slow
+def test_a_standing_service_serves_a_second_sweep_without_a_load_and_survives_a_replica_kill(
+        tmp_path, conf, data_dir, reference):
+    """``lm.service``: two sweeps on one running cluster; the second joins the first's model actors."""
+    import os
+
+    pids = tmp_path / "never.pids"  # the wrapped tiny backend appends its pid here each time it loads
+    (tmp_path / "never").write_text("claimed")  # its die-once marker is taken: it never dies by itself
+    service = [f"lm.scorer._target_=tests.drills.dying_backend", f"+lm.scorer.marker={tmp_path / 'never'}",
+               "+lm.scorer.die_on_call=1", "lm.service=svc"]
+    with LocalCluster() as cluster:
+        cluster.start_head(num_cpus=4)
+        first = tmp_path / "first"
+        proc = run_cli(sweep_args(first, conf, data_dir) + service + [f"ray.address={cluster.address}"], env=cluster.env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        loaded = pids.read_text().split()
+        assert len(loaded) == 1  # the service's scorer loaded its model once
+
+        second = tmp_path / "second"
+        proc = start_cli(sweep_args(second, conf, data_dir, step_sleep_s=1.0) + service
+                         + [f"ray.address={cluster.address}"], tmp_path / "second.log", env=cluster.env)
+        try:
+            wait_for(lambda: len(steps_logged(second)) == 2 and min(steps_logged(second).values()) >= 1, 240,
+                     "both APE trials of the second sweep at step 1", proc)
+            before_kill = pids.read_text().split()
+            os.kill(int(loaded[0]), signal.SIGKILL)  # the replica, mid-sweep
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = (tmp_path / "second.log").read_text()
+    assert proc.returncode == 0, out[-4000:]
+    assert before_kill == loaded, "the second sweep loaded a model of its own before the kill"
+    assert len(pids.read_text().split()) == 2  # the restarted replica loaded it again, once
+    _assert_all_ok(first)
+    _assert_all_ok(second)
+    lost = [lost_and_duplicated(reference, run) for run in (first, second)]
+    print(f"\nFAULT service: sweep 2 joined service 'svc' (0 loads before the kill), its scorer replica "
+          f"(pid {loaded[0]}) SIGKILLed mid-sweep and restarted by Ray; lost/duplicated per sweep {lost}")
+    assert lost == [(0, 0), (0, 0)]
+
+
 def test_restore_drops_records_newer_than_the_checkpoint_and_a_torn_line(tmp_path):
     """What a restarted trial does to its log first: keep steps <= checkpoint, drop the rest."""
     log = EvalLog(tmp_path / "t.jsonl")

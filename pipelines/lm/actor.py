@@ -210,3 +210,7 @@ class LMActor:
         """Calls, requests, merged batches, busy seconds, and model loads since the actor started."""
         return {**self._stats, "loaded": self._backend is not None}
 
+    def spec(self) -> dict:
+        """The backend config this actor serves (a standing service is checked against it)."""
+        return dict(self._spec)
+

@@ -53,6 +53,10 @@ def default_path() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "promptsweep") / "evals.sqlite"
 
 
+SHARED_MODES = ("auto", "file", "actor")  # how trials reach the store (shared_cache.py)
+NODE_DEFAULT = "@node-default"  # each node's own default file (what trials get when cache.path is unset)
+
+
 def cache_path(cache_cfg: dict | None) -> str:
     """The store's absolute path from the ``cache`` config block; ``""`` when caching is off."""
     cache_cfg = cache_cfg or {}
@@ -61,12 +65,32 @@ def cache_path(cache_cfg: dict | None) -> str:
     return str(Path(cache_cfg.get("path") or default_path()).expanduser().resolve())
 
 
+def trial_cache_path(cache_cfg: dict | None) -> str:
+    """What trials open: the configured path, or :data:`NODE_DEFAULT` when none is set.
+
+    The default file lives under each machine's own cache root (``$PROMPTSWEEP_CACHE`` or
+    ``~/.cache``): on a cluster every node has one of its own, which is why a multi-node
+    sweep serves the cache from one actor instead (``shared_cache.py``).
+    """
+    if not (cache_cfg or {}).get("enabled", True):
+        return ""
+    return cache_path(cache_cfg) if (cache_cfg or {}).get("path") else NODE_DEFAULT
+
+
+def node_path(path: str) -> str:
+    """A trial's cache path on the node it runs on."""
+    return str(default_path().expanduser().resolve()) if path == NODE_DEFAULT else path
+
+
 def describe(cache_cfg: dict | None) -> str:
     """The line printed before a sweep starts; opens (creates) the store so a bad path fails early.
 
     Raises:
         ValueError: the store cannot be opened, in one line.
     """
+    shared = (cache_cfg or {}).get("shared", "auto")
+    if shared not in SHARED_MODES:
+        raise ValueError(f"cache.shared={shared!r}; expected one of {', '.join(SHARED_MODES)}")
     path = cache_path(cache_cfg)
     if not path:
         return "[promptsweep] evaluation cache: off"

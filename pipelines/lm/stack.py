@@ -15,7 +15,7 @@ import hydra.utils
 
 from methods.lm import LM
 from pipelines.lm.budget import BudgetedLM, Limits, Price
-from pipelines.lm.cache import CachedLM, EvalStore
+from pipelines.lm.cache import CachedLM, EvalStore, node_path
 from pipelines.lm.client import Meter, RayLM
 
 
@@ -46,13 +46,16 @@ def role_lm(
     limits: Limits = Limits(),
     role: str = "scorer",
     price: Price = Price(),
+    store=None,
 ) -> RoleLM:
-    """The role's stack over its actor ``handles``: ``RayLM`` -> ``CachedLM`` (when a cache path is
-    given) -> ``BudgetedLM``."""
+    """The role's stack over its actor ``handles``: ``RayLM`` -> ``CachedLM`` (when a cache path or a
+    ``store`` is given: the cluster's cache actor, see ``shared_cache.py``) -> ``BudgetedLM``."""
     meter = Meter()
     lm = RayLM(handles, capabilities=capabilities, usage=meter)
-    if cache_path:
-        lm = CachedLM(lm, EvalStore(cache_path), model_key)
+    if store is not None:
+        lm = CachedLM(lm, store, model_key)
+    elif cache_path:
+        lm = CachedLM(lm, EvalStore(node_path(cache_path)), model_key)
     return RoleLM(BudgetedLM(lm, limits, role, price), lm, meter, capabilities)
 
 

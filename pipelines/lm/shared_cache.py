@@ -1,0 +1,102 @@
+"""One evaluation cache per cluster: an actor on the driver's node owns the SQLite file, trials on every node call it.
+
+On one machine every trial opens the cache file itself (SQLite in WAL mode is safe across
+processes, and a lookup costs no round trip). On a cluster each node would open *its own*
+file at that path, so a result computed on one node was recomputed on another. With
+``cache.shared=actor`` (``auto`` picks it when the cluster has more than one node) one actor,
+pinned to the driver's node where the file lives, serves ``get_many``/``put_many`` for every
+trial. Why an actor rather than a database server: it needs nothing the cluster does not
+already run, keeps the one file format (a re-run on one machine reads the same file), and a
+lookup is one batched call per LM call, like the model's own: the round trip is small next
+to a forward pass. Its cost is one process's throughput; ``bench/cluster_scaling.py`` measures it.
+
+The actor restarts if killed (Ray restarts it and retries the call); what it had committed is
+in the file, so nothing is lost but the call in flight, which is retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pipelines.lm.cache import SHARED_MODES, EvalStore
+
+CACHE_ACTOR = "psw-eval-cache"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=16)
+class CacheActor:
+    """The cluster's evaluation store (a thin shell over :class:`EvalStore`; it serializes its own writes)."""
+
+    def __init__(self, path: str) -> None:
+        self.store = EvalStore(path)
+        self.calls = {"get": 0, "put": 0, "keys": 0}
+
+    def get_many(self, keys: Sequence[bytes]) -> dict:
+        self.calls["get"] += 1
+        self.calls["keys"] += len(keys)
+        return self.store.get_many(keys)
+
+    def put_many(self, items: list) -> None:
+        self.calls["put"] += 1
+        self.store.put_many(items)
+
+    def stats(self) -> dict:
+        return {**self.calls, "stored": len(self.store), "path": str(self.store.path),
+                "node": ray.get_runtime_context().get_node_id()}
+
+
+class RemoteStore:
+    """:class:`EvalStore`'s interface over the cache actor: what a trial's ``CachedLM`` calls on any node.
+
+    Picklable (it holds the actor's name, not a connection), so it travels to trials as data.
+    """
+
+    def __init__(self, name: str, namespace: str) -> None:
+        self.name, self.namespace = name, namespace
+        self._handle = None
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "namespace": self.namespace}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        return self._handle
+
+    def get_many(self, keys: Sequence[bytes]) -> dict:
+        return ray.get(self.handle.get_many.remote(list(keys))) if keys else {}
+
+    def put_many(self, items: Iterable[tuple[bytes, object, float]]) -> None:
+        rows = list(items)
+        if rows:  # waited for: a step's results are stored before its checkpoint says they exist
+            ray.get(self.handle.put_many.remote(rows))
+
+    def __len__(self) -> int:
+        return int(ray.get(self.handle.stats.remote())["stored"])
+
+
+def use_actor(mode: str) -> bool:
+    """Whether this Ray (already connected) should serve the cache from one actor."""
+    if mode not in SHARED_MODES:
+        raise ValueError(f"cache.shared={mode!r}; expected one of {', '.join(SHARED_MODES)}")
+    if mode != "auto":
+        return mode == "actor"
+    return sum(1 for n in ray.nodes() if n.get("Alive")) > 1
+
+
+def start_cache_actor(path: str, namespace: str):
+    """The cache actor, on this (the driver's) node: the file is where the driver said it is."""
+    here = ray.get_runtime_context().get_node_id()
+    handle = CacheActor.options(
+        name=CACHE_ACTOR, namespace=namespace, get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+    ).remote(path)
+    ray.get(handle.stats.remote())  # started and the file opened
+    return handle
