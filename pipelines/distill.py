@@ -440,9 +440,10 @@ def _train_worker(pairs: list[dict], out: str, args: TrainArgs) -> dict:
         use_cpu=not torch.cuda.is_available(), bf16=dtype == torch.bfloat16, disable_tqdm=False,
         remove_unused_columns=False, dataloader_num_workers=0,
     )
-    if args.logger == "wandb":
+    if args.logger == "wandb":  # offline unless the user set a mode: no network or key needed; `wandb sync` later
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_PROJECT", "promptsweep")
+        os.environ.setdefault("WANDB_DIR", out)
     trainer = Trainer(model=model, args=targs, train_dataset=_ListDataset(rows), data_collator=_Collate(tok.pad_token_id),
                       callbacks=[LossLog()])
     if not resume and losses.exists():

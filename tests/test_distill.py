@@ -291,3 +291,14 @@ def test_compare_pairs_methods_of_different_runs_on_the_same_test_examples(tmp_p
     table = distill.compare([base, rewriter], ["b", "r"])
     (row,) = [r for r in table if r["method"] == "promptimal@r"]
     assert row["p_vs_manual@b"] < 0.01 and row["n"] == 40
+
+
+def test_training_with_wandb_logs_an_offline_run_beside_the_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    base, out = _tiny_dir(tmp_path / "base"), tmp_path / "rewriter"
+    args = distill.TrainArgs(base=str(base), epochs=1, batch_size=2, threads=1, logger="wandb")
+    distill._train_worker(PAIRS, str(out), args)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
