@@ -329,9 +329,11 @@ def rounds(dataset: Path, out: Path, overrides: Sequence[str], *, n_rounds: int 
             raise UserError(f"round {k}: the sweep failed (exit {done.returncode}); see its output above")
         new = build([run_dir], rdir / "pairs.jsonl", **(build_args or {}))
         print(f"[distill] round {k}: {new.kept} new pairs", flush=True)
-        last = read_jsonl(rdir / "pairs.jsonl")
+        last = [{**p, "round": k} for p in read_jsonl(rdir / "pairs.jsonl")]
+        write_jsonl(rdir / "pairs.jsonl", last)  # each round's own data, tagged with its round
         merged += last
     merged_counts = Counts()
+    # the starting pairs are round 0
     merged = _dedupe([{**p, "round": p.get("round", 0)} for p in merged], (build_args or {}).get("max_similarity", 0.9),
                      merged_counts)
     merged.sort(key=lambda p: (p["parent_score"], -p["gain"]))
@@ -451,6 +453,10 @@ def _train_worker(pairs: list[dict], out: str, args: TrainArgs) -> dict:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     train_s = time.perf_counter() - start
+    if args.logger == "wandb":  # the trainer's callback leaves its run open: close it, its files complete
+        import wandb
+
+        wandb.finish()
     merged = model.merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

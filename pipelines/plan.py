@@ -81,6 +81,7 @@ def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: 
     tasks = build_all(specs, caps, choices)
     if plain["search"]["scheduler"] not in SCHEDULERS:
         raise UserError(f"unknown search.scheduler {plain['search']['scheduler']!r}; expected {', '.join(SCHEDULERS)}")
+    check_islands(plain["search"], specs)
     check_progress(plain.get("progress") or {})
     n = len(specs) * int(plain["search"]["num_samples"])
     task_names = ",".join(dict.fromkeys(spec["task_name"] for spec in specs))
@@ -95,6 +96,28 @@ def make_plan(cfg: DictConfig, search_dirs: list[Path], choices: dict, run_dir: 
         raise UserError(str(err)) from err
     warnings = tuple(w for task in tasks.values() for w in data_warnings(task))
     return Plan(plain, specs, space, tasks, caps, lines + tuple(f"warning: {w}" for w in warnings), warnings)
+
+
+def check_islands(search: dict, specs: list[dict]) -> None:
+    """``search.islands`` and PBT: islands of one (method, task, seed), evolved by perturbing ``search.params``.
+
+    PBT's exploit hands a trial another trial's checkpoint and config; across methods, tasks or
+    seeds that would swap a population into a search it does not belong to, so a PBT sweep is
+    the islands of one of them (run seeds as separate sweeps).
+    """
+    islands = search.get("islands", 1)
+    if not isinstance(islands, int) or islands < 1:
+        raise UserError(f"search.islands must be an integer >= 1, got {islands!r}")
+    if search["scheduler"] != "pbt":
+        return
+    if len(specs) != 1:
+        raise UserError(f"search.scheduler=pbt evolves the islands of one method on one task and seed; this sweep "
+                        f"has {len(specs)} (method, task, seed) combinations: run one per sweep (e.g. -m search.seeds=[0],[1])")
+    if islands < 2 and int(search.get("num_samples", 1)) < 2:
+        raise UserError("search.scheduler=pbt needs a population: search.islands >= 2")
+    if not search.get("params"):
+        raise UserError("search.scheduler=pbt perturbs search.params: name at least one, "
+                        "e.g. search.params={evoprompt: {temperature: {uniform: [0.3, 1.2]}}}")
 
 
 def check_progress(progress: dict) -> None:

@@ -133,13 +133,17 @@ def _serving(spec: PoolSpec) -> tuple[str, int]:
     return (spec.shared_with or spec.role, spec.replicas)
 
 
-def scheduler(name: str):
+def scheduler(name: str, space: dict | None = None, interval: int = 2):
+    """Tune's scheduler by name. PBT perturbs the sampled method arguments (``search.params``) every
+    ``interval`` steps and exploits by migration: a weak island takes a strong one's population."""
     if name == "fifo":
         return None
     if name == "asha":
         return tune.schedulers.ASHAScheduler(time_attr="step", grace_period=2, reduction_factor=2)
     if name == "pbt":
-        return tune.schedulers.PopulationBasedTraining(time_attr="step", perturbation_interval=2)
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="step", perturbation_interval=interval, hyperparam_mutations={"sample": space or {}},
+            quantile_fraction=0.25, resample_probability=0.25, synch=False)
     raise UserError(f"unknown search.scheduler {name!r}; expected fifo, asha or pbt")
 
 
@@ -171,6 +175,7 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},
             max_steps=int(cfg["search"]["max_steps"]),
             cache_path=trial_cache_path(cfg.get("cache")), cache_actor=cache_actor, service=service(cfg),
+            islands=cfg["search"]["scheduler"] == "pbt",
             model_keys={r: model_key(cfg["lm"][r]) for r in ROLES},
             capabilities=plan.capabilities, logger=cfg["logger"], **trial_settings(cfg),
         )
@@ -303,11 +308,11 @@ def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialCon
         return tuner.fit()
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(specs), "sample": space},
+        param_space={"trial": tune.grid_search(specs), "sample": space, **_islands(search)},
         tune_config=tune.TuneConfig(
             num_samples=int(search["num_samples"]), metric="dev_score", mode="max",
             max_concurrent_trials=int(cfg["resources"]["max_concurrent_trials"]),
-            scheduler=scheduler(search["scheduler"]),
+            scheduler=scheduler(search["scheduler"], space, int(search.get("pbt_interval", 2))),
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
@@ -318,6 +323,12 @@ def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialCon
         ),
     )
     return tuner.fit()
+
+
+def _islands(search: dict) -> dict:
+    """One trial per island of each (method, task, seed): ``island`` seeds each one's own start."""
+    n = int(search.get("islands", 1))
+    return {"island": tune.grid_search(list(range(n)))} if n > 1 else {}
 
 
 class Interrupted(UserError):

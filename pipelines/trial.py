@@ -55,6 +55,8 @@ class TrialContext:
             opens ``cache_path`` itself; see ``pipelines/lm/shared_cache.py``).
         service: the standing model service serving both roles (``lm.service``; ``""``: the
             sweep's own pools).
+        islands: trials are PBT islands (``search.scheduler=pbt``): each keeps its own counters
+            apart from its checkpoint, which another island may be handed.
     """
 
     run_dir: str
@@ -71,6 +73,7 @@ class TrialContext:
     logger: dict = field(default_factory=dict)
     cache_actor: str = ""
     service: str = ""
+    islands: bool = False
 
 
 def apply_samples(spec: dict, sample: dict) -> dict:
@@ -88,7 +91,10 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     scorer, proposer = _lm(ctx, "scorer"), _lm(ctx, "proposer")
     trial_id = tune.get_context().get_trial_id()
     log = EvalLog(Path(ctx.run_dir) / "evaluations" / f"{trial_id}.jsonl")
-    run = _restore(log, scorer, proposer) or _fresh(method, task, scorer, proposer, spec["seed"])
+    island = int(config.get("island", 0))
+    run = (_restore(log, scorer, proposer, trial_id, ctx, spec)
+           or _fresh(method, task, scorer, proposer, spec["seed"], island))
+    run.setdefault("island", island)
     live = LiveLog(run.get("live"), *start_run(ctx.logger, Path(ctx.run_dir), _wandb_config(ctx, spec)))
     live.catch_up()
     try:
@@ -124,7 +130,7 @@ def _search(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         metrics["progress"] = share_spent(run["step"], metrics["scorer_examples"], cap, ctx.max_steps, planned)
         _progress(spec, run, metrics, cap)
         _watch(live, method, run, metrics, report, scorer, trial_label(spec))
-        _report_with_checkpoint(metrics, run, scorer, proposer)
+        _report_with_checkpoint(metrics, run, scorer, proposer, trial_id, ctx)
 
 
 def _watch(live: LiveLog, method, run: dict, metrics: dict, report, scorer: RoleLM, label: str = "") -> None:
@@ -172,24 +178,58 @@ def _progress(spec: dict, run: dict, metrics: dict, cap: int | None = None) -> N
     )
 
 
-def _fresh(method, task, scorer: RoleLM, proposer: RoleLM, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
+def _fresh(method, task, scorer: RoleLM, proposer: RoleLM, seed: int, island: int = 0) -> dict:
+    # Island 0 draws as an ordinary trial of that seed; the others start populations of their own.
+    rng = np.random.default_rng(seed if island == 0 else [seed, island])
     start = time.perf_counter()
     state = method.init(task, scorer.lm, proposer.lm, rng)
     return {"state": state, "rng": rng, "step": 0, "elapsed": time.perf_counter() - start}
 
 
-def _restore(log: EvalLog, scorer: RoleLM, proposer: RoleLM) -> dict | None:
+def _restore(log: EvalLog, scorer: RoleLM, proposer: RoleLM, trial_id: str = "", ctx: TrialContext | None = None,
+             spec: dict | None = None) -> dict | None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
         run = pickle.loads((Path(d) / CHECKPOINT_FILE).read_bytes())
+    owner = run.pop("owner", trial_id)
+    if trial_id and owner != trial_id:  # PBT's exploit: another island's checkpoint
+        return _migrated(run, owner, trial_id, ctx, spec, scorer, proposer)
     scorer.meter.restore(run.pop("scorer_usage"))
     proposer.meter.restore(run.pop("proposer_usage"))
     dropped = log.truncate_after(run["step"])
     print(f"[promptsweep] resumed at step {run['step']} (dropped {dropped} uncheckpointed records)", flush=True)
     return run
+
+
+ISLANDS_DIR = "islands"  # each PBT island's own counters, kept apart from the checkpoint another island may take
+
+
+def _migrated(run: dict, donor: str, trial_id: str, ctx: TrialContext, spec: dict,
+              scorer: RoleLM, proposer: RoleLM) -> dict:
+    """Take another island's population (PBT's exploit is a migration); keep this island's own counters.
+
+    The donor's state is what moves: its population and best prompt. This island keeps what it
+    spent (its meters: each island's budget counts its own work), its step count, its log (no
+    record of it is undone) and its W&B run; its random stream is new, so it does not replay
+    the donor's future.
+    """
+    own_path = Path(ctx.run_dir) / ISLANDS_DIR / f"{trial_id}.pkl"
+    own = pickle.loads(own_path.read_bytes()) if own_path.exists() else {}
+    for meter, key in ((scorer.meter, "scorer_usage"), (proposer.meter, "proposer_usage")):
+        if key in own:
+            meter.restore(own[key])
+    migrations = int(own.get("migrations", 0)) + 1
+    donor_step, donor_dev = run["step"], run.get("dev_score", float("nan"))
+    stream = int.from_bytes(trial_id.encode()[-8:].rjust(8, b"\0"), "big") % 2**32
+    out = {**run, "step": int(own.get("step", 0)), "elapsed": float(own.get("elapsed", 0.0)),
+           "live": own.get("live"), "migrations": migrations, "island": own.get("island", 0),
+           "rng": np.random.default_rng([int(spec["seed"]), stream, migrations]),
+           "migrated_from": [*own.get("migrated_from", []), [donor, donor_step]]}
+    print(f"[{trial_label(spec)}] island migration {migrations}: took trial {donor}'s population "
+          f"(its step {donor_step}, dev {donor_dev:.3f}); own step {out['step']}", flush=True)
+    return out
 
 
 def _records(spec: dict, trial_id: str, run: dict, report, scorer: RoleLM, proposer: RoleLM) -> list[dict]:
@@ -221,9 +261,17 @@ def _usage(run: dict, scorer: RoleLM, proposer: RoleLM) -> dict[str, float]:
     }
 
 
-def _report_with_checkpoint(metrics: dict, run: dict, scorer: RoleLM, proposer: RoleLM) -> None:
+def _report_with_checkpoint(metrics: dict, run: dict, scorer: RoleLM, proposer: RoleLM, trial_id: str = "",
+                            ctx: TrialContext | None = None) -> None:
+    if ctx is not None and ctx.islands:  # what stays this island's when PBT hands it another's checkpoint
+        own = {k: run.get(k) for k in ("step", "elapsed", "live", "migrations", "island", "migrated_from")}
+        path = Path(ctx.run_dir) / ISLANDS_DIR / f"{trial_id}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_bytes(pickle.dumps({**own, "scorer_usage": scorer.meter,
+                                                            "proposer_usage": proposer.meter}))
+        path.with_suffix(".tmp").replace(path)
     with tempfile.TemporaryDirectory() as d:
-        blob = {**run, "scorer_usage": scorer.meter, "proposer_usage": proposer.meter}
+        blob = {**run, "owner": trial_id, "scorer_usage": scorer.meter, "proposer_usage": proposer.meter}
         (Path(d) / CHECKPOINT_FILE).write_bytes(pickle.dumps(blob))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -249,6 +297,7 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         "n_test": len(task.test), "n_dev": len(task.dev), "steps": run["step"],
         "budget_examples": Budget.parse(ctx.budget).scorer.examples, **_usage(run, scorer, proposer),
         "node": ray.get_runtime_context().get_node_id(),  # the cluster node that finished it
+        "island": run.get("island", 0), "migrations": run.get("migrations", 0),
     }
     if isinstance(best, TokenPrompt):
         result["prompt_tokens"] = list(best.ids)

@@ -44,7 +44,7 @@ def _needs(name: str, **overrides) -> Needs:
     return hydra.utils.instantiate({**cfg, **overrides}).needs()
 
 
-TEXT = ["ape", "opro", "protegi", "evoprompt", "evoprompt_de", "promptbreeder", "calibration", "grips", "gepa"]
+TEXT = ["ape", "opro", "protegi", "evoprompt", "evoprompt_de", "promptbreeder", "calibration", "grips", "gepa", "promptimal"]
 
 
 def test_every_method_config_declares_its_needs():
