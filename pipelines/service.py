@@ -61,14 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     address = next((a.split("=", 1)[1] for a in argv if a.startswith("ray.address=")), "auto")
     args = [a for a in argv if not a.startswith("ray.address=")]
     try:
-        if not args or args[0] not in ("status", "stop") or len(args) > 2 or (args[0] == "stop" and len(args) != 2):
+        if not args or args[0] not in ("status", "stop") or len(args) != 2:
             raise UserError(USAGE)
         _connect(address)
         if args[0] == "stop":
             print(f"[promptsweep] service {args[1]!r}: stopped {stop(args[1])} actor(s)")
         else:
-            if len(args) != 2:
-                raise UserError("name the service: python -m pipelines.service status NAME")
             rows = status(args[1])
             for r in rows:
                 print(f"{r['actor']}: model {r['model']}, loaded={r['loaded']}, loads={r['loads']}, "

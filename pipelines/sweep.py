@@ -319,7 +319,8 @@ def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialCon
             # Tune's own tables print every trial's whole config; trials print one line per step instead.
             name="tune", storage_path=str(run_dir), verbose=0, callbacks=[progress_view(cfg, ctx)],
             failure_config=tune.FailureConfig(max_failures=int(search["max_failures"])),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # PBT clones an island's checkpoint some steps after it was taken: keep them all (small pickles)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if search["scheduler"] == "pbt" else 2),
         ),
     )
     return tuner.fit()

@@ -220,13 +220,13 @@ def _migrated(run: dict, donor: str, trial_id: str, ctx: TrialContext, spec: dic
     for meter, key in ((scorer.meter, "scorer_usage"), (proposer.meter, "proposer_usage")):
         if key in own:
             meter.restore(own[key])
-    migrations = int(own.get("migrations", 0)) + 1
+    migrations = int(own.get("migrations") or 0) + 1
     donor_step, donor_dev = run["step"], run.get("dev_score", float("nan"))
     stream = int.from_bytes(trial_id.encode()[-8:].rjust(8, b"\0"), "big") % 2**32
     out = {**run, "step": int(own.get("step", 0)), "elapsed": float(own.get("elapsed", 0.0)),
            "live": own.get("live"), "migrations": migrations, "island": own.get("island", 0),
            "rng": np.random.default_rng([int(spec["seed"]), stream, migrations]),
-           "migrated_from": [*own.get("migrated_from", []), [donor, donor_step]]}
+           "migrated_from": [*(own.get("migrated_from") or []), [donor, donor_step]]}
     print(f"[{trial_label(spec)}] island migration {migrations}: took trial {donor}'s population "
           f"(its step {donor_step}, dev {donor_dev:.3f}); own step {out['step']}", flush=True)
     return out
@@ -264,7 +264,8 @@ def _usage(run: dict, scorer: RoleLM, proposer: RoleLM) -> dict[str, float]:
 def _report_with_checkpoint(metrics: dict, run: dict, scorer: RoleLM, proposer: RoleLM, trial_id: str = "",
                             ctx: TrialContext | None = None) -> None:
     if ctx is not None and ctx.islands:  # what stays this island's when PBT hands it another's checkpoint
-        own = {k: run.get(k) for k in ("step", "elapsed", "live", "migrations", "island", "migrated_from")}
+        own = {"step": run["step"], "elapsed": run["elapsed"], "live": run.get("live"), "island": run.get("island", 0),
+               "migrations": run.get("migrations", 0), "migrated_from": run.get("migrated_from", [])}
         path = Path(ctx.run_dir) / ISLANDS_DIR / f"{trial_id}.pkl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".tmp").write_bytes(pickle.dumps({**own, "scorer_usage": scorer.meter,

@@ -60,3 +60,31 @@ def test_island_settings_are_checked_before_ray_starts(search, n_specs, message)
 def test_good_island_settings_pass():
     check_islands({"scheduler": "pbt", "islands": 4, "params": {"evoprompt": {"temperature": {}}}}, [{}])
     check_islands({"scheduler": "fifo", "islands": 4}, [{}] * 3)
+
+
+def test_pbt_islands_migrate_end_to_end_and_each_keeps_its_own_log(tmp_path, data_dir):
+    """Four soft-prompt islands on the tiny model under PBT (lr perturbed): every island finishes,
+    at least one migration happens, no island's log repeats a (step, idx) record, and each island's
+    scorer spend is its own (under its cap), not a donor's."""
+    import json
+
+    from pipelines.results import read_jsonl
+    from tests.conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    proc = run_cli("model=tiny", "task.n_train=20", "task.n_dev=16", "task.n_test=16", "cache.enabled=false",
+                   "logger=none", f"data_dir={data_dir}", "method=soft_prompt", "search.methods=[soft_prompt]",
+                   "search.islands=4", "search.scheduler=pbt", "search.pbt_interval=2", "search.max_steps=10",
+                   "+search.params={soft_prompt: {lr: {loguniform: [0.0001, 0.5]}}}", "method.n_virtual=2",
+                   "method.eval_every=1", "method.n_eval=8", "method.batch_size=4", "budget.scorer.examples=400",
+                   f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((run_dir / "summary.json").read_text())["trials"]
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["island"] for r in rows) != [0, 0, 0, 0] or sum(r["migrations"] for r in rows) >= 1
+    assert sum(r["migrations"] for r in rows) >= 1, [(r["island"], r["migrations"]) for r in rows]
+    assert "island migration 1: took trial" in proc.stdout
+    for r in rows:
+        assert r["scorer_examples"] <= 400
+        keys = [(x["step"], x["idx"]) for x in read_jsonl(run_dir / "evaluations" / f"{r['trial']}.jsonl")]
+        assert keys and len(keys) == len(set(keys))

@@ -83,3 +83,13 @@ def test_a_service_is_joined_by_name_and_refuses_another_model(cluster):
         ray.kill(handle, no_restart=True)
     with pytest.raises(ValueError):
         ray.get_actor("svc-test-scorer-0", namespace=SERVICE_NAMESPACE)
+
+
+@pytest.mark.parametrize("argv, message", [([], "usage"), (["status"], "usage"), (["stop"], "usage"),
+                                           (["restart", "x"], "usage")])
+def test_the_service_command_refuses_bad_input_in_one_line(argv, message, capsys):
+    from pipelines.service import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
