@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.results import read_jsonl, trial_results  # noqa: E402
+from pipelines.report import example_scores, load_run  # noqa: E402
 from pipelines.stats import bootstrap_interval, paired_p  # noqa: E402
 
 
@@ -41,10 +41,11 @@ def sweep(out: Path, seed: int, form: str, extra: list[str]) -> Path:
     return run_dir
 
 
-def best_island(run_dir: Path) -> tuple[dict, list[float]]:
-    rows = trial_results(run_dir)
-    best = max(rows, key=lambda r: (r["dev_score"], -r["island"]))
-    return best, [r["score"] for r in read_jsonl(run_dir / best["outputs"])]
+def best_island(run_dir: Path) -> tuple[dict, tuple[dict, ...], list[float]]:
+    """The sweep's best-dev island, all its islands, and the best one's per-sentence test scores."""
+    run = load_run(run_dir)
+    best = max(run.ok, key=lambda r: (r["dev_score"], -r["island"]))
+    return best, run.ok, list(example_scores(run, best))
 
 
 def main() -> None:
@@ -58,10 +59,9 @@ def main() -> None:
         bests, scores, all_islands, migrations, spent = [], [], [], 0, []
         for seed in args.seeds:
             run_dir = sweep(args.out, seed, form, args.extra)
-            best, per = best_island(run_dir)
+            best, rows, per = best_island(run_dir)
             bests.append(best["test_score"])
             scores.append(per)
-            rows = trial_results(run_dir)
             all_islands += [r["test_score"] for r in rows]
             migrations += sum(int(r.get("migrations", 0)) for r in rows)
             spent.append(sum(r["scorer_examples"] for r in rows))

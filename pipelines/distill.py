@@ -60,6 +60,7 @@ USAGE = """usage:
   python -m pipelines.distill compare [LABEL:]RUN_DIR [LABEL:]RUN_DIR ...   (methods of runs with different proposers, paired)"""
 
 COPY_CHARS = 24  # a child holding this much of an example's text verbatim copies it
+RAY_TEMP_DIR = "/tmp/psw"  # a local Ray's, as the sweep's default (AF_UNIX socket paths stay short)
 
 
 # ---------------------------------------------------------------------------- build
@@ -83,15 +84,18 @@ class Counts:
     by_task: dict = field(default_factory=dict)
 
 
-def run_tasks(run_dir: Path, data_dir: str | None = None) -> dict[str, object]:
-    """A finished run's tasks by the name its logs use, rebuilt from its saved config."""
+def run_tasks(run_dir: Path, data_dir: str | None = None, logged: frozenset[str] = frozenset()) -> dict[str, object]:
+    """A finished run's tasks by the name its logs use (``logged``: the names its records carry),
+    rebuilt from its saved config."""
     import hydra.utils
 
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
     cfg = json.loads(saved.read_text())
-    configs = task_configs(cfg["task"], cfg["search"].get("tasks") or {}, _default_task_name(run_dir, cfg))
+    # a single-task run's logs name the task by Hydra's task choice, as the trial specs did
+    default = next(iter(logged)) if len(logged) == 1 else "task"
+    configs = task_configs(cfg["task"], cfg["search"].get("tasks") or {}, default)
     tasks = {}
     for name, conf in configs.items():
         conf = {**conf, "data_dir": data_dir} if data_dir and "data_dir" in conf else conf
@@ -101,13 +105,6 @@ def run_tasks(run_dir: Path, data_dir: str | None = None) -> dict[str, object]:
             cause = err.__cause__ or err
             raise UserError(f"{run_dir}: cannot rebuild task {name!r}: {cause}") from err
     return tasks
-
-
-def _default_task_name(run_dir: Path, cfg: dict) -> str:
-    """The name a single-task run's logs use (Hydra's task choice, as the trial specs took it)."""
-    names = {r.get("task") for p in (run_dir / "evaluations").glob("*.jsonl") for r in read_jsonl(p)[:1]}
-    names.discard(None)
-    return names.pop() if len(names) == 1 else "task"
 
 
 def similarity(a: str, b: str) -> float:
@@ -215,9 +212,9 @@ def build(run_dirs: Sequence[Path], out: Path, *, min_gain: float = 0.0, max_sim
         logs = sorted((run_dir / "evaluations").glob("*.jsonl"))
         if not logs:
             raise UserError(f"{run_dir}: no evaluation logs (evaluations/*.jsonl)")
-        tasks = run_tasks(run_dir, data_dir)
-        counts.runs += 1
         trials = {p.stem: read_jsonl(p) for p in logs}
+        tasks = run_tasks(run_dir, data_dir, frozenset(r["task"] for rs in trials.values() for r in rs if r.get("task")))
+        counts.runs += 1
         for name, task in tasks.items():
             records = {t: [r for r in rs if r.get("task") == name] for t, rs in trials.items()}
             misses = _misses(r for rs in records.values() for r in rs)
@@ -380,15 +377,16 @@ def train(dataset: Path, out: Path, args: TrainArgs, address: str | None = None)
     """Fine-tune in a Ray task (a GPU worker when the cluster has one); returns the model directory."""
     import ray
 
+    from pipelines.sweep import LOG_DRAIN_S, start_ray
+
     pairs = read_jsonl(dataset)
     if not pairs:
         raise UserError(f"{dataset}: no pairs to train on")
     if args.logger not in ("none", "wandb"):
         raise UserError(f"logger={args.logger!r}; expected none or wandb")
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="WARNING",
-             **({} if address else {"_temp_dir": "/tmp/psw", "num_cpus": os.cpu_count()}))
+    # joined or started as a sweep's driver does: a dead address fails in one line, in seconds
+    start_ray({"ray": {"address": address, "temp_dir": RAY_TEMP_DIR, "namespace": None}})
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         cpus = max(1, args.threads or (os.cpu_count() or 1))
@@ -397,7 +395,7 @@ def train(dataset: Path, out: Path, args: TrainArgs, address: str | None = None)
               flush=True)
         summary = ray.get(task.remote(pairs, str(out.resolve()), args))
     finally:
-        time.sleep(1.0)  # the worker's last lines reach the console through Ray's log monitor
+        time.sleep(LOG_DRAIN_S)  # the worker's last lines reach the console through Ray's log monitor
         ray.shutdown()
     print(f"[distill] trained {summary['steps']} steps in {summary['train_s']:.0f}s; loss "
           f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; model in {out}", flush=True)
@@ -512,31 +510,31 @@ def compare(runs: Sequence[Path], labels: Sequence[str], baselines: Sequence[str
     95% interval over the test examples, and paired p against each baseline method found.
 
     The runs must have scored the same test examples (the same task settings); each method's
-    seeds are averaged per example first, as the report does.
+    seeds are averaged per example first, as the report does (its readers are used here).
     """
-    from pipelines.results import trial_results
+    import numpy as np
+
+    from pipelines.report import ReportError, load_run, score_matrix
     from pipelines.stats import bootstrap_interval, paired_p
 
-    scores: dict[tuple[str, str], list] = {}
-    for run, label in zip(runs, labels):
-        for row in trial_results(run):
-            path = run / str(row.get("outputs", ""))
-            if not row.get("outputs") or not path.is_file():
-                continue
-            per = [r["score"] for r in read_jsonl(path)]
-            name = f"{row['method']}@{label}" if label else row["method"]
-            scores.setdefault((row["task"], name), []).append(per)
+    mats: dict[tuple[str, str], np.ndarray] = {}
+    for run_dir, label in zip(runs, labels):
+        try:
+            run = load_run(run_dir)
+        except ReportError as err:
+            raise UserError(str(err)) from err
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for row in run.ok:
+            groups.setdefault((row["task"], f"{row['method']}@{label}" if label else row["method"]), []).append(row)
+        mats.update({k: m for k, rows in groups.items() if (m := score_matrix(run, rows)) is not None})
     table = []
-    for (task, name), seeds in sorted(scores.items()):
-        import numpy as np
-
-        mat = np.array(seeds, dtype=float).T  # [n_test, seeds]
+    for (task, name), mat in sorted(mats.items()):
         lo, hi = bootstrap_interval(mat)
         row = {"task": task, "method": name, "test": float(mat.mean()), "ci": (lo, hi), "n": mat.shape[0]}
         for base in baselines:
-            other = [k for k in scores if k[0] == task and k[1].split("@")[0] == base and k[1] != name]
+            other = [k for k in mats if k[0] == task and k[1].split("@")[0] == base and k[1] != name]
             if other:
-                ref = np.array(scores[other[0]], dtype=float).T
+                ref = mats[other[0]]
                 row[f"p_vs_{other[0][1]}"] = paired_p(mat, ref) if ref.shape[0] == mat.shape[0] else float("nan")
         table.append(row)
     return table

@@ -18,7 +18,7 @@ from ray import tune
 
 from methods.lm import GENERATE, Request
 from pipelines.lm.budget import Budget, trial_settings
-from pipelines.lm.cache import cache_path, model_key, trial_cache_path
+from pipelines.lm.cache import cache_path, model_key, shared_mode, trial_cache_path
 from pipelines.lm.shared_cache import CACHE_ACTOR, start_cache_actor, use_actor
 from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
 from pipelines.lm.stack import role_lm
@@ -201,10 +201,11 @@ def _cache_actor(cfg: dict, namespace: str):
     (the handle is held for the sweep: an actor whose last handle is dropped is killed), or ``("", None)``."""
     path = cache_path(cfg.get("cache"))
     try:
-        if not path or not use_actor((cfg.get("cache") or {}).get("shared", "auto")):
-            return "", None
+        mode = shared_mode(cfg.get("cache"))  # checked by the plan too; a resumed run's saved config is not
     except ValueError as err:
         raise UserError(str(err)) from err
+    if not path or not use_actor(mode):
+        return "", None
     handle = start_cache_actor(path, namespace)
     print(f"[promptsweep] evaluation cache: served to every node by one actor on this node ({path})", flush=True)
     return CACHE_ACTOR, handle

@@ -275,12 +275,11 @@ def test_a_reordering_of_the_parents_words_is_a_near_duplicate():
 def test_compare_pairs_methods_of_different_runs_on_the_same_test_examples(tmp_path, capsys):
     def run(name, method, scores):
         d = tmp_path / name
-        (d / "trials").mkdir(parents=True)
-        (d / "outputs").mkdir()
+        (d / "outputs").mkdir(parents=True)
         (d / "config.json").write_text("{}")
         (d / "outputs" / f"{method}.jsonl").write_text("".join(json.dumps({"score": s}) + "\n" for s in scores))
-        (d / "trials" / f"{method}.json").write_text(json.dumps(
-            {"task": "cr", "method": method, "seed": 0, "outputs": f"outputs/{method}.jsonl"}))
+        (d / "summary.json").write_text(json.dumps({"trials": [
+            {"status": "ok", "task": "cr", "method": method, "seed": 0, "outputs": f"outputs/{method}.jsonl"}]}))
         return d
 
     base = run("base", "manual", [0, 1] * 20)

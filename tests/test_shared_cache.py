@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from methods.lm import Request
-from pipelines.lm.cache import NODE_DEFAULT, CachedLM, node_path, trial_cache_path
+from pipelines.lm.cache import NODE_DEFAULT, CachedLM, node_path, shared_mode, trial_cache_path
 from pipelines.lm.shared_cache import CACHE_ACTOR, RemoteStore, start_cache_actor, use_actor
 from tests.fakes import PlantedLM
 from tests.test_cache import KEY, Metered, requests
@@ -58,7 +58,8 @@ def test_auto_uses_the_actor_only_on_a_multi_node_cluster(cluster):
     assert not use_actor("auto")  # one node here: each trial opens the file itself, as fast as before
     assert use_actor("actor") and not use_actor("file")
     with pytest.raises(ValueError, match="cache.shared='nfs'"):
-        use_actor("nfs")
+        shared_mode({"shared": "nfs"})
+    assert shared_mode({}) == "auto"
 
 
 def test_an_unset_path_is_each_nodes_own_default(tmp_path, monkeypatch):

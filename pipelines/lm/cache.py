@@ -82,15 +82,21 @@ def node_path(path: str) -> str:
     return str(default_path().expanduser().resolve()) if path == NODE_DEFAULT else path
 
 
+def shared_mode(cache_cfg: dict | None) -> str:
+    """``cache.shared``, checked: how trials reach the store (``shared_cache.py``)."""
+    mode = (cache_cfg or {}).get("shared", "auto")
+    if mode not in SHARED_MODES:
+        raise ValueError(f"cache.shared={mode!r}; expected one of {', '.join(SHARED_MODES)}")
+    return mode
+
+
 def describe(cache_cfg: dict | None) -> str:
     """The line printed before a sweep starts; opens (creates) the store so a bad path fails early.
 
     Raises:
         ValueError: the store cannot be opened, in one line.
     """
-    shared = (cache_cfg or {}).get("shared", "auto")
-    if shared not in SHARED_MODES:
-        raise ValueError(f"cache.shared={shared!r}; expected one of {', '.join(SHARED_MODES)}")
+    shared_mode(cache_cfg)
     path = cache_path(cache_cfg)
     if not path:
         return "[promptsweep] evaluation cache: off"

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipelines.lm.cache import SHARED_MODES, EvalStore
+from pipelines.lm.cache import EvalStore
 
 CACHE_ACTOR = "psw-eval-cache"
 
@@ -83,9 +83,8 @@ class RemoteStore:
 
 
 def use_actor(mode: str) -> bool:
-    """Whether this Ray (already connected) should serve the cache from one actor."""
-    if mode not in SHARED_MODES:
-        raise ValueError(f"cache.shared={mode!r}; expected one of {', '.join(SHARED_MODES)}")
+    """Whether this Ray (already connected) should serve the cache from one actor (``mode``: a
+    checked :func:`pipelines.lm.cache.shared_mode`)."""
     if mode != "auto":
         return mode == "actor"
     return sum(1 for n in ray.nodes() if n.get("Alive")) > 1
