@@ -32,6 +32,7 @@ from pipelines.trial import TrialContext, apply_samples, run_trial
 from tasks.generative import is_generative
 
 ACTOR_STATS = "lm_actors.json"  # what each LM actor did; folded into summary.json
+OVERHEAD = "overhead.json"  # the driver's and the cache actor's share; folded into summary.json
 LOG_DRAIN_S = 2.0  # how long the driver waits for trials' last lines before shutting Ray down
 
 
@@ -179,8 +180,10 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
             model_keys={r: model_key(cfg["lm"][r]) for r in ROLES},
             capabilities=plan.capabilities, logger=cfg["logger"], **trial_settings(cfg),
         )
+        fit_start, driver_cpu = time.perf_counter(), time.process_time()
         grid = _fit(cfg, plan.specs, plan.space, run_dir, ctx)
         _save_actor_stats(run_dir, pools, handles)
+        _save_overhead(run_dir, time.perf_counter() - fit_start, time.process_time() - driver_cpu, _cache_handle)
         _check_finished(run_dir)
         return _rows(run_dir, grid)
     finally:
@@ -283,6 +286,18 @@ def _save_actor_stats(run_dir: Path, pools: list[PoolSpec], handles: list[list])
         except (ray.exceptions.RayError, TimeoutError):  # a dead actor must not fail a finished sweep
             stats[spec.role] = []
     write_json(run_dir / ACTOR_STATS, stats)
+
+
+def _save_overhead(run_dir: Path, fit_s: float, driver_cpu_s: float, cache_handle) -> None:
+    """What orchestrating the trials cost the driver (Tune's loop, its callbacks, checkpoints it
+    registers) and what the cluster's cache actor did, for ``summary.json`` (``bench/scaling.py``)."""
+    cache = {}
+    if cache_handle is not None:
+        try:
+            cache = ray.get(cache_handle.stats.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):
+            cache = {}
+    write_json(run_dir / OVERHEAD, {"fit_s": fit_s, "driver_cpu_s": driver_cpu_s, "cache_actor": cache})
 
 
 def _trainable(cfg: dict, ctx: TrialContext):
@@ -412,8 +427,9 @@ def finish(cfg: dict, rows: list[dict], run_dir: Path, wall_s: float, warnings: 
     failed = sum(r.get("status") == "failed" for r in rows)
     actors = run_dir / ACTOR_STATS
     lm = json.loads(actors.read_text()) if actors.is_file() else {}
+    overhead = json.loads((run_dir / OVERHEAD).read_text()) if (run_dir / OVERHEAD).is_file() else {}
     write_json(run_dir / "summary.json", {"trials": rows, "failed": failed, "wall_s": wall_s, "evaluations": n_records,
-                                          "lm_actors": lm, "warnings": list(warnings)})
+                                          "lm_actors": lm, "overhead": overhead, "warnings": list(warnings)})
     from pipelines.report import write_report
 
     report = write_report(run_dir)

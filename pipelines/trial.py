@@ -86,6 +86,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     """Tune function trainable: the whole life of one (method, task, seed, params) trial."""
     # Ray Train logs "Checkpoint successfully created" at INFO after every step; progress lines say it.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    cpu_start = time.process_time()
     spec = apply_samples(config["trial"], config.get("sample", {}))
     task, method = build(spec)
     scorer, proposer = _lm(ctx, "scorer"), _lm(ctx, "proposer")
@@ -100,7 +101,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     try:
         _search(ctx, spec, trial_id, task, method, run, scorer, proposer, log, live)
         # Scoring the best prompt on test is the report, not the search: outside the budget.
-        result = _finish(ctx, spec, trial_id, task, method, run, scorer, proposer)
+        result = _finish(ctx, spec, trial_id, task, method, run, scorer, proposer, cpu_start)
     except Exception:
         live.finish({}, failed=True)  # the run shows as failed in W&B; Tune records the error
         raise
@@ -278,7 +279,7 @@ def _report_with_checkpoint(metrics: dict, run: dict, scorer: RoleLM, proposer: 
 
 
 def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, run: dict,
-            scorer: RoleLM, proposer: RoleLM) -> dict:
+            scorer: RoleLM, proposer: RoleLM, cpu_start: float = 0.0) -> dict:
     """Score the final best prompt on test (the only time test data is touched) and record it."""
     start = time.perf_counter()
     best = method.best(run["state"])
@@ -299,6 +300,9 @@ def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, ru
         "budget_examples": Budget.parse(ctx.budget).scorer.examples, **_usage(run, scorer, proposer),
         "node": ray.get_runtime_context().get_node_id(),  # the cluster node that finished it
         "island": run.get("island", 0), "migrations": run.get("migrations", 0),
+        # This attempt's CPU in the trial's process (data, method, requests, checkpoints), not the
+        # process's start-up: what one more concurrent trial costs a CPU node (bench/scaling.py).
+        "cpu_s": time.process_time() - cpu_start,
     }
     if isinstance(best, TokenPrompt):
         result["prompt_tokens"] = list(best.ids)

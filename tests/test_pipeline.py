@@ -80,6 +80,18 @@ def _summary(run_dir) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def test_the_summary_says_what_the_orchestration_cost(sweep):
+    """The figures bench/scaling.py builds on: each trial's CPU and wait, the driver's, the replicas' busy time."""
+    run_dir, _ = sweep
+    summary = _summary(run_dir)
+    fit_s = summary["overhead"]["fit_s"]
+    assert 0 < summary["overhead"]["driver_cpu_s"] and 0 < fit_s <= summary["wall_s"]
+    for row in summary["trials"]:
+        assert 0 < row["cpu_s"] and 0 < row["scorer_wait_s"] <= row["wall_s"], row["trial"]
+    for actor in summary["lm_actors"]["scorer"]:  # one model thread: never busy longer than the fit
+        assert 0 < actor["busy_s"] <= fit_s and 0 < actor["cpu_s"]
+
+
 @pytest.mark.slow
 def test_a_rerun_answered_by_the_cache_loads_no_model(tmp_path, data_dir):
     """The same sweep twice against one cache: the second run's actors never build their model.

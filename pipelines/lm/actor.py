@@ -79,6 +79,7 @@ class LMActor:
         self._workers: dict[tuple, asyncio.Task] = {}
         self._coalesce_s = coalesce_ms / 1000.0
         self._stats = {"calls": 0, "requests": 0, "batches": 0, "busy_s": 0.0, "loads": 0, "load_s": 0.0}
+        self._cpu_start = time.process_time()  # after the process's imports: serving cost only
 
     def ready(self) -> dict:
         """Cheap liveness probe: the process id, the backend's name, whether its model is loaded."""
@@ -117,10 +118,13 @@ class LMActor:
         return await self._run(lambda: fn(self._model(), *args, **kwargs))
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, fn)
+
+    def _timed(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the model thread, its time added to ``busy_s`` (not the wait for the thread)."""
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, fn)
+            return fn()
         finally:
             self._stats["busy_s"] += time.perf_counter() - start
 
@@ -207,8 +211,10 @@ class LMActor:
         return str(await self._call(lambda b: b.export_prompt(prompt, out_dir)))
 
     def stats(self) -> dict:
-        """Calls, requests, merged batches, busy seconds, and model loads since the actor started."""
-        return {**self._stats, "loaded": self._backend is not None}
+        """Calls, requests, merged batches, busy seconds, model loads, and the process's CPU seconds
+        since the actor started (on CPU that is mostly the model; with a GPU model, its host side;
+        with ``backends.simulated``, which sleeps, all of it is serving overhead)."""
+        return {**self._stats, "loaded": self._backend is not None, "cpu_s": time.process_time() - self._cpu_start}
 
     def spec(self) -> dict:
         """The backend config this actor serves (a standing service is checked against it)."""

@@ -7,6 +7,7 @@ report calls and tokens per trial even though the model is shared by the whole s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,6 +33,8 @@ class Meter:
         cache_tokens: tokens those requests cost when they were first computed.
         examples: example-evaluations the method asked for (cache hits included: the budget's
             unit, counted by :class:`pipelines.lm.budget.BudgetedLM` before the cache answers).
+        wait_s: seconds the trial waited for the model actors' answers (``wait_s / calls`` is the
+            mean request latency a trial sees: queueing, batching, the model and Ray's transport).
         usd: estimated price of the budgeted work (API models; 0 for local ones).
         budget_exhausted: 1 once a call was refused for lack of budget.
     """
@@ -45,6 +48,7 @@ class Meter:
     examples: int = 0
     usd: float = 0.0
     budget_exhausted: int = 0
+    wait_s: float = 0.0
 
     def as_dict(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}_{f.name}": float(getattr(self, f.name)) for f in fields(self)}
@@ -100,7 +104,9 @@ class RayLM:
     _output_embeddings: np.ndarray | None = field(default=None, repr=False)
 
     def _gather(self, refs: list) -> list:
+        start = time.perf_counter()
         outs = ray.get(refs)
+        self.usage.wait_s += time.perf_counter() - start
         self.usage.calls += 1
         self.usage.tokens += sum(o["tokens"] for o in outs)
         return [o["result"] for o in outs]

@@ -8,7 +8,7 @@ pinned to the driver's node where the file lives, serves ``get_many``/``put_many
 trial. Why an actor rather than a database server: it needs nothing the cluster does not
 already run, keeps the one file format (a re-run on one machine reads the same file), and a
 lookup is one batched call per LM call, like the model's own: the round trip is small next
-to a forward pass. Its cost is one process's throughput; ``bench/cluster_scaling.py`` measures it.
+to a forward pass. Its cost is one process's throughput; ``bench/scaling.py`` measures it.
 
 The actor restarts if killed (Ray restarts it and retries the call); what it had committed is
 in the file, so nothing is lost but the call in flight, which is retried.
@@ -16,6 +16,7 @@ in the file, so nothing is lost but the call in flight, which is retried.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 
 import ray
@@ -32,19 +33,29 @@ class CacheActor:
 
     def __init__(self, path: str) -> None:
         self.store = EvalStore(path)
-        self.calls = {"get": 0, "put": 0, "keys": 0}
+        self.calls = {"get": 0, "put": 0, "keys": 0, "busy_s": 0.0}
+        self._cpu_start = time.process_time()
 
     def get_many(self, keys: Sequence[bytes]) -> dict:
+        start = time.perf_counter()
         self.calls["get"] += 1
         self.calls["keys"] += len(keys)
-        return self.store.get_many(keys)
+        try:
+            return self.store.get_many(keys)
+        finally:
+            self.calls["busy_s"] += time.perf_counter() - start
 
     def put_many(self, items: list) -> None:
+        start = time.perf_counter()
         self.calls["put"] += 1
-        self.store.put_many(items)
+        try:
+            self.store.put_many(items)
+        finally:
+            self.calls["busy_s"] += time.perf_counter() - start
 
     def stats(self) -> dict:
-        return {**self.calls, "stored": len(self.store), "path": str(self.store.path),
+        """Gets, puts, keys asked for, seconds inside SQLite, the process's CPU seconds, rows stored."""
+        return {**self.calls, "cpu_s": time.process_time() - self._cpu_start, "stored": len(self.store), "path": str(self.store.path),
                 "node": ray.get_runtime_context().get_node_id()}
 
 
