@@ -387,6 +387,9 @@ def check_numbers(cfg: DictConfig) -> None:
         if not number or value < least or (key in COUNTS and value != int(value)):
             kind = "an integer" if key in COUNTS else "a finite number"
             raise UserError(f"{key}={value!r}: expected {kind} >= {least}")
+    reuse = OmegaConf.select(cfg, "search.reuse_actors", default=False)
+    if not isinstance(reuse, bool):
+        raise UserError(f"search.reuse_actors={reuse!r}: expected true or false")
     seeds = list(cfg.search.seeds)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise UserError(f"search.seeds={seeds}: expected a non-empty list of integers")

@@ -328,6 +328,7 @@ def _fit(cfg: dict, specs: list[dict], space: dict, run_dir: Path, ctx: TrialCon
         tune_config=tune.TuneConfig(
             num_samples=int(search["num_samples"]), metric="dev_score", mode="max",
             max_concurrent_trials=int(cfg["resources"]["max_concurrent_trials"]),
+            reuse_actors=bool(search.get("reuse_actors", False)),
             scheduler=scheduler(search["scheduler"], space, int(search.get("pbt_interval", 2))),
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
