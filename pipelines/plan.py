@@ -387,6 +387,9 @@ def check_numbers(cfg: DictConfig) -> None:
         if not number or value < least or (key in COUNTS and value != int(value)):
             kind = "an integer" if key in COUNTS else "a finite number"
             raise UserError(f"{key}={value!r}: expected {kind} >= {least}")
+    actors = OmegaConf.select(cfg, "cache.actors", default=1)
+    if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
+        raise UserError(f"cache.actors={actors!r}: expected an integer >= 1")
     reuse = OmegaConf.select(cfg, "search.reuse_actors", default=False)
     if not isinstance(reuse, bool):
         raise UserError(f"search.reuse_actors={reuse!r}: expected true or false")

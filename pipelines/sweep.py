@@ -19,7 +19,7 @@ from ray import tune
 from methods.lm import GENERATE, Request
 from pipelines.lm.budget import Budget, trial_settings
 from pipelines.lm.cache import cache_path, model_key, shared_mode, trial_cache_path
-from pipelines.lm.shared_cache import CACHE_ACTOR, start_cache_actor, use_actor
+from pipelines.lm.shared_cache import CACHE_ACTOR, start_cache_actors, use_actor
 from pipelines.lm.pool import ModelStartError, PoolSpec, start_pool
 from pipelines.lm.stack import role_lm
 from pipelines.progress import SweepProgress
@@ -166,7 +166,7 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
             handles = [start_pool(p, namespace, service=service(cfg)) for p in pools]
         except ModelStartError as err:
             raise UserError(str(err)) from err
-        cache_actor, _cache_handle = _cache_actor(cfg, namespace)
+        cache_actor, _cache_handles = _cache_actors(cfg, namespace)
         lms = {pool.role: _driver_lm(cfg, plan, pool.role, h) for pool, h in zip(pools, handles) if h}
         check_context(plan, lms["scorer"])
         if "proposer" in lms and GENERATE in plan.capabilities["proposer"]:
@@ -175,7 +175,8 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
             run_dir=str(run_dir), namespace=namespace, scorer=_serving(pools[0]), proposer=_serving(pools[1]),
             models={"scorer": cfg["lm"]["scorer"].get("model", ""), "proposer": cfg["lm"]["proposer"].get("model", "")},
             max_steps=int(cfg["search"]["max_steps"]),
-            cache_path=trial_cache_path(cfg.get("cache")), cache_actor=cache_actor, service=service(cfg),
+            cache_path=trial_cache_path(cfg.get("cache")), cache_actor=cache_actor, cache_actors=len(_cache_handles),
+            service=service(cfg),
             islands=cfg["search"]["scheduler"] == "pbt",
             model_keys={r: model_key(cfg["lm"][r]) for r in ROLES},
             capabilities=plan.capabilities, logger=cfg["logger"], **trial_settings(cfg),
@@ -183,7 +184,7 @@ def run(plan: Plan, run_dir: Path) -> list[dict]:
         fit_start, driver_cpu = time.perf_counter(), time.process_time()
         grid = _fit(cfg, plan.specs, plan.space, run_dir, ctx)
         _save_actor_stats(run_dir, pools, handles)
-        _save_overhead(run_dir, time.perf_counter() - fit_start, time.process_time() - driver_cpu, _cache_handle)
+        _save_overhead(run_dir, time.perf_counter() - fit_start, time.process_time() - driver_cpu, _cache_handles)
         _check_finished(run_dir)
         return _rows(run_dir, grid)
     finally:
@@ -199,19 +200,21 @@ def service(cfg: dict) -> str:
     return str((cfg.get("lm") or {}).get("service") or "")
 
 
-def _cache_actor(cfg: dict, namespace: str):
-    """Start the cluster's cache actor when the cache is to be shared that way: ``(its name, its handle)``
-    (the handle is held for the sweep: an actor whose last handle is dropped is killed), or ``("", None)``."""
+def _cache_actors(cfg: dict, namespace: str) -> tuple[str, list]:
+    """Start the cluster's cache actors when the cache is to be shared that way: ``(the first's name,
+    their handles)`` (held for the sweep: an actor whose last handle is dropped is killed), or ``("", [])``."""
     path = cache_path(cfg.get("cache"))
     try:
         mode = shared_mode(cfg.get("cache"))  # checked by the plan too; a resumed run's saved config is not
     except ValueError as err:
         raise UserError(str(err)) from err
     if not path or not use_actor(mode):
-        return "", None
-    handle = start_cache_actor(path, namespace)
-    print(f"[promptsweep] evaluation cache: served to every node by one actor on this node ({path})", flush=True)
-    return CACHE_ACTOR, handle
+        return "", []
+    count = int(cfg["cache"].get("actors", 1))
+    handles = start_cache_actors(path, namespace, count)
+    who = "one actor" if count == 1 else f"{count} actors"
+    print(f"[promptsweep] evaluation cache: served to every node by {who} on this node ({path})", flush=True)
+    return CACHE_ACTOR, handles
 
 
 def sweep_group(run_dir: Path) -> str:
@@ -288,15 +291,20 @@ def _save_actor_stats(run_dir: Path, pools: list[PoolSpec], handles: list[list])
     write_json(run_dir / ACTOR_STATS, stats)
 
 
-def _save_overhead(run_dir: Path, fit_s: float, driver_cpu_s: float, cache_handle) -> None:
+def _save_overhead(run_dir: Path, fit_s: float, driver_cpu_s: float, cache_handles: list) -> None:
     """What orchestrating the trials cost the driver (Tune's loop, its callbacks, checkpoints it
-    registers) and what the cluster's cache actor did, for ``summary.json`` (``bench/scaling.py``)."""
-    cache = {}
-    if cache_handle is not None:
-        try:
-            cache = ray.get(cache_handle.stats.remote(), timeout=30)
-        except (ray.exceptions.RayError, TimeoutError):
-            cache = {}
+    registers) and what the cluster's cache actors did, summed, for ``summary.json`` (``bench/scaling.py``)."""
+    cache: dict = {}
+    try:
+        stats = ray.get([h.stats.remote() for h in cache_handles], timeout=30)
+    except (ray.exceptions.RayError, TimeoutError):
+        stats = []
+    for one in stats:
+        for key, value in one.items():
+            summed = isinstance(value, (int, float)) and key != "stored"  # every actor counts the same file
+            cache[key] = cache.get(key, 0) + value if summed else value
+    if stats:
+        cache["actors"] = len(stats)
     write_json(run_dir / OVERHEAD, {"fit_s": fit_s, "driver_cpu_s": driver_cpu_s, "cache_actor": cache})
 
 

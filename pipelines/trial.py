@@ -52,7 +52,8 @@ class TrialContext:
         capabilities: what each role's backend declares, by role.
         logger: the W&B settings each trial's live run uses (``logger`` config, with its group).
         cache_actor: the cluster's cache actor, by name in ``namespace`` (``""``: each trial
-            opens ``cache_path`` itself; see ``pipelines/lm/shared_cache.py``).
+            opens ``cache_path`` itself; see ``pipelines/lm/shared_cache.py``); ``cache_actors``
+            of them share its file.
         service: the standing model service serving both roles (``lm.service``; ``""``: the
             sweep's own pools).
         islands: trials are PBT islands (``search.scheduler=pbt``): each keeps its own counters
@@ -72,6 +73,7 @@ class TrialContext:
     capabilities: dict = field(default_factory=dict)
     logger: dict = field(default_factory=dict)
     cache_actor: str = ""
+    cache_actors: int = 1
     service: str = ""
     islands: bool = False
 
@@ -162,7 +164,7 @@ def _wandb_config(ctx: TrialContext, spec: dict) -> dict:
 def _lm(ctx: TrialContext, role: str) -> RoleLM:
     """The role's LM: the shared actors, behind the evaluation cache, behind the budget."""
     pool, replicas = getattr(ctx, role)
-    store = RemoteStore(ctx.cache_actor, ctx.namespace) if ctx.cache_actor and ctx.cache_path else None
+    store = RemoteStore(ctx.cache_actor, ctx.namespace, ctx.cache_actors) if ctx.cache_actor and ctx.cache_path else None
     return role_lm(
         connect(pool, replicas, ctx.namespace, ctx.service), ctx.capabilities.get(role, frozenset()),
         cache_path=ctx.cache_path, model_key=ctx.model_keys.get(role, ""), store=store,

@@ -63,6 +63,7 @@ def custom(path: Path, *extra: str) -> list[str]:
         (["search.seeds=[0,0]"], "search.seeds=[0, 0]: a seed is repeated"),
         (["search.seeds=[]"], "search.seeds=[]: expected a non-empty list of integers"),
         (["search.reuse_actors=maybe"], "search.reuse_actors='maybe': expected true or false"),
+        (["cache.actors=0"], "cache.actors=0: expected an integer >= 1"),
         (["task.n_dev=2.5"], "task.n_dev=2.5: sst2 expects int"),
         (["method.temperature=nan"], "APE: argument temperature=nan should be float (finite)"),
         (["task.label_words=[' negative','']"], "label word 1 is ''"),

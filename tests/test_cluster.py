@@ -9,6 +9,7 @@ It takes about a minute on two cores: ``pytest -m slow tests/test_cluster.py``.
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 import pytest
@@ -82,10 +83,11 @@ def test_a_result_computed_on_one_node_is_a_cache_hit_on_another_only_through_th
     """Each node has its own default cache file (its own PROMPTSWEEP_CACHE, as each machine of a
     cluster has its own disk). A trial pinned to node A fills the cache; the same trial pinned to
     node B recomputes everything when each node opens its own file (``cache.shared=file``) and
-    computes nothing through the cluster's cache actor (``cache.shared=actor``)."""
+    computes nothing through the cluster's cache actors (``cache.shared=actor``, two of them on
+    the one file for node B's run: ``cache.actors=2``)."""
     conf = extra_conf(tmp_path / "conf")
     a, b = tmp_path / "cache-a", tmp_path / "cache-b"
-    runs = {}
+    runs, overhead = {}, {}
     with LocalCluster() as cluster:
         # the head's processes (and the driver, which names the actor's file) use A's root
         cluster.start_head(num_cpus=2, resources={"node_a": 1}, env={"PROMPTSWEEP_CACHE": str(a)})
@@ -95,14 +97,18 @@ def test_a_result_computed_on_one_node_is_a_cache_hit_on_another_only_through_th
             args = [a_ for a_ in sweep_args(run_dir, conf, data_dir) if a_ != "++cache.enabled=false"]
             args += [f"ray.address={cluster.address}", "search.methods=[manual]", "search.seeds=[0]",
                      f"cache.shared={shared}", "resources.trial_cpus=0", f"+resources.trial_resources={{{node}: 1}}"]
+            args += ["cache.actors=2"] if name == "actor" else []
             proc = run_cli(args, env={**cluster.env, "PROMPTSWEEP_CACHE": str(a)}, timeout=400)
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
             (row,) = summary_rows(run_dir)
             runs[name] = row
+            overhead[name] = json.loads((run_dir / "summary.json").read_text())["overhead"]
     assert runs["fill"]["scorer_calls"] > 0
     assert runs["file"]["node"] == runs["actor"]["node"] != runs["fill"]["node"]
     assert runs["file"]["scorer_calls"] > 0, "node B answered from a cache it should not have seen"
     assert runs["actor"]["scorer_calls"] == 0 and runs["actor"]["scorer_cache_hits"] > 0, runs["actor"]
+    assert overhead["actor"]["cache_actor"]["actors"] == 2 and overhead["actor"]["cache_actor"]["get"] >= 2
+    assert overhead["file"]["cache_actor"] == {}
     print(f"\nshared cache: node A computed {runs['fill']['scorer_calls']} scorer call(s); node B with its own file "
           f"{runs['file']['scorer_calls']}, through the cache actor {runs['actor']['scorer_calls']} "
           f"({runs['actor']['scorer_cache_hits']} hits)")

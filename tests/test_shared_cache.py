@@ -9,7 +9,7 @@ import ray
 
 from methods.lm import Request
 from pipelines.lm.cache import NODE_DEFAULT, CachedLM, node_path, shared_mode, trial_cache_path
-from pipelines.lm.shared_cache import CACHE_ACTOR, RemoteStore, start_cache_actor, use_actor
+from pipelines.lm.shared_cache import CACHE_ACTOR, RemoteStore, actor_names, start_cache_actor, start_cache_actors, use_actor
 from tests.fakes import PlantedLM
 from tests.test_cache import KEY, Metered, requests
 
@@ -41,6 +41,23 @@ def test_a_result_stored_by_one_process_is_a_hit_for_a_trial_elsewhere(cluster, 
     assert len(store) == len(reqs)
     stats = ray.get(ray.get_actor(CACHE_ACTOR, namespace="test-shared-cache").stats.remote())
     assert stats["put"] == 1 and stats["get"] == 2 and stats["path"] == str(tmp_path / "evals.sqlite")
+
+
+def test_several_actors_share_one_file_and_a_trial_goes_round_them(cluster, tmp_path):
+    """cache.actors=3: what one actor stored, a trial's next call (through another actor) finds."""
+    handles = start_cache_actors(str(tmp_path / "evals.sqlite"), "ns-three", 3)
+    assert actor_names(CACHE_ACTOR, 3) == [CACHE_ACTOR, f"{CACHE_ACTOR}-1", f"{CACHE_ACTOR}-2"]
+    assert len({h._actor_id for h in handles}) == 3
+    store = RemoteStore(CACHE_ACTOR, "ns-three", count=3)
+    reqs = requests("Decide the label carefully")
+    first, calls, _ = ray.get(_trial_lookup.remote(store, reqs))
+    again, calls_again, _ = ray.get(_trial_lookup.remote(store, reqs))
+    assert calls == 1 and again == first and calls_again == 0
+    for i in range(6):
+        store.get_many([b"k%d" % i])
+    stats = ray.get([h.stats.remote() for h in handles])
+    assert all(s["get"] >= 2 for s in stats)  # six lookups went round all three
+    assert {s["stored"] for s in stats} == {len(reqs)} and {s["path"] for s in stats} == {str(tmp_path / "evals.sqlite")}
 
 
 def test_the_actor_is_one_per_namespace_and_its_file_outlives_it(cluster, tmp_path):

@@ -8,7 +8,10 @@ pinned to the driver's node where the file lives, serves ``get_many``/``put_many
 trial. Why an actor rather than a database server: it needs nothing the cluster does not
 already run, keeps the one file format (a re-run on one machine reads the same file), and a
 lookup is one batched call per LM call, like the model's own: the round trip is small next
-to a forward pass. Its cost is one process's throughput; ``bench/scaling.py`` measures it.
+to a forward pass. Its cost is one process's throughput (``bench/scaling.py`` measures it: most
+of an actor's CPU is Ray's per-call work, not SQLite's), so ``cache.actors=N`` starts N actors
+on the same file and each trial's calls go round them: SQLite lets them read at once and
+queues their short write transactions, so what one actor answers the others see.
 
 The actor restarts if killed (Ray restarts it and retries the call); what it had committed is
 in the file, so nothing is lost but the call in flight, which is retried.
@@ -16,6 +19,7 @@ in the file, so nothing is lost but the call in flight, which is retried.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Sequence
 
@@ -59,27 +63,38 @@ class CacheActor:
                 "node": ray.get_runtime_context().get_node_id()}
 
 
-class RemoteStore:
-    """:class:`EvalStore`'s interface over the cache actor: what a trial's ``CachedLM`` calls on any node.
+def actor_names(name: str, count: int) -> list[str]:
+    """The names of a cluster's ``count`` cache actors: ``name``, then ``name-1``, ``name-2``, ..."""
+    return [name] + [f"{name}-{i}" for i in range(1, count)]
 
-    Picklable (it holds the actor's name, not a connection), so it travels to trials as data.
+
+class RemoteStore:
+    """:class:`EvalStore`'s interface over the cache actors: what a trial's ``CachedLM`` calls on any node.
+
+    Picklable (it holds the actors' names, not connections), so it travels to trials as data.
+    With several actors, successive calls go round them, starting at a place set by the process
+    id, so concurrent trials spread over them.
     """
 
-    def __init__(self, name: str, namespace: str) -> None:
-        self.name, self.namespace = name, namespace
-        self._handle = None
+    def __init__(self, name: str, namespace: str, count: int = 1) -> None:
+        self.name, self.namespace, self.count = name, namespace, count
+        self._handles: dict[str, object] = {}
+        self._next = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {"name": self.name, "namespace": self.namespace}
+        return {"name": self.name, "namespace": self.namespace, "count": self.count}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
     @property
     def handle(self):
-        if self._handle is None:
-            self._handle = ray.get_actor(self.name, namespace=self.namespace)
-        return self._handle
+        """The actor the next call goes to (any of them answers from the same file)."""
+        name = actor_names(self.name, self.count)[self._next % self.count]
+        self._next += 1
+        if name not in self._handles:
+            self._handles[name] = ray.get_actor(name, namespace=self.namespace)
+        return self._handles[name]
 
     def get_many(self, keys: Sequence[bytes]) -> dict:
         return ray.get(self.handle.get_many.remote(list(keys))) if keys else {}
@@ -102,11 +117,19 @@ def use_actor(mode: str) -> bool:
 
 
 def start_cache_actor(path: str, namespace: str):
-    """The cache actor, on this (the driver's) node: the file is where the driver said it is."""
+    """The one cache actor, on this (the driver's) node: the file is where the driver said it is."""
+    return start_cache_actors(path, namespace, 1)[0]
+
+
+def start_cache_actors(path: str, namespace: str, count: int = 1) -> list:
+    """``count`` cache actors on this (the driver's) node, all on the file at ``path``."""
     here = ray.get_runtime_context().get_node_id()
-    handle = CacheActor.options(
-        name=CACHE_ACTOR, namespace=namespace, get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-    ).remote(path)
-    ray.get(handle.stats.remote())  # started and the file opened
-    return handle
+    handles = [
+        CacheActor.options(
+            name=name, namespace=namespace, get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        ).remote(path)
+        for name in actor_names(CACHE_ACTOR, count)
+    ]
+    ray.get([h.stats.remote() for h in handles])  # started and the file opened
+    return handles
