@@ -1,7 +1,7 @@
 """How a sweep's orchestration scales with trials and replicas, on a 3-node Ray cluster on this machine.
 
 Usage:
-    python bench/scaling.py [--grid full|quick] [--concurrent 32] [--batch-s 0.05] [--out DIR]
+    python bench/scaling.py [--grid full|quick] [--concurrent 32] [--batch-s 0.05] [--cache-actors 1] [--out DIR]
 
 Each row is one real sweep (``python -m pipelines.run``: Hydra, Tune, the LM actor pool, the
 cluster's cache actor, checkpoints) of EvoPrompt GA on SST-2, one trial per seed, every trial
@@ -132,7 +132,7 @@ class Sampler:
 
 
 def sweep(cluster: LocalCluster, out: Path, data_dir: Path, trials: int, replicas: int, reuse: bool, concurrent: int,
-          batch_s: float, token_s: float) -> dict:
+          batch_s: float, token_s: float, cache_actors: int = 1) -> dict:
     name = f"t{trials}_r{replicas}" + ("_reuse" if reuse else "")
     run_dir = out / name
     model = [f"model@lm.{r}=simulated" for r in ("scorer", "proposer")] + [
@@ -140,7 +140,7 @@ def sweep(cluster: LocalCluster, out: Path, data_dir: Path, trials: int, replica
     args = [*model, *METHOD, *TASK, f"search.seeds=[{','.join(map(str, range(trials)))}]",
             f"budget.scorer.examples={BUDGET}", "logger=none", "progress.mode=plain", "progress.interval_s=60",
             f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", f"ray.address={cluster.address}",
-            f"cache.path={run_dir}.sqlite", "cache.shared=actor",
+            f"cache.path={run_dir}.sqlite", "cache.shared=actor", f"cache.actors={cache_actors}",
             f"resources.replicas={replicas}", "resources.lm_cpus=1", "resources.lm_gpus=0", "resources.trial_cpus=0.01",
             "+resources.trial_resources={psw_trial: 1}", f"resources.max_concurrent_trials={min(trials, concurrent)}",
             f"search.reuse_actors={str(reuse).lower()}"]
@@ -268,6 +268,7 @@ def main() -> None:
     parser.add_argument("--batch-s", type=float, default=0.05, help="simulated seconds per batch (one forward pass)")
     parser.add_argument("--token-s", type=float, default=0.002, help="simulated seconds per generated token per pass")
     parser.add_argument("--out", type=Path, default=None, help="keep the run directories here")
+    parser.add_argument("--cache-actors", type=int, default=1, help="cache.actors for every sweep")
     parser.add_argument("--gpus", type=int, default=64, help="projection: GPUs (one replica each)")
     parser.add_argument("--gpu-evals-s", type=float, default=400.0,
                         help="projection: example-evaluations/s one GPU scores (an assumption; see README)")
@@ -290,7 +291,7 @@ def main() -> None:
         for trials, replicas, reuse in grid:
             print(f"[scaling] {trials} trials, {replicas} replica(s), reuse_actors={reuse} ...", flush=True)
             results.append(r := sweep(cluster, out, args.data_dir, trials, replicas, reuse, args.concurrent,
-                                      args.batch_s, args.token_s))
+                                      args.batch_s, args.token_s, args.cache_actors))
             print(f"[scaling] {r['ok']}/{trials} trials ok in {r['fit_s']:.0f} s: "
                   f"{r['examples'] / r['fit_s']:.1f} example-evaluations/s", flush=True)
             (out / "scaling.json").write_text(json.dumps(results, indent=1))
