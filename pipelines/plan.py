@@ -372,7 +372,7 @@ def _fits(value: Any, expected: type) -> bool:
 # Smallest allowed value of each count (an integer) or resource (any finite number);
 # max_failures=-1 retries without limit, as in Tune.
 COUNTS = {"search.max_steps": 0, "search.num_samples": 0, "search.max_failures": -1,
-          "resources.replicas": 1, "resources.max_concurrent_trials": 1}
+          "resources.replicas": 1, "resources.max_concurrent_trials": 1, "cache.actors": 1}
 RESOURCES = {"resources.lm_cpus": 0, "resources.lm_gpus": 0, "resources.trial_cpus": 0}
 
 
@@ -387,9 +387,6 @@ def check_numbers(cfg: DictConfig) -> None:
         if not number or value < least or (key in COUNTS and value != int(value)):
             kind = "an integer" if key in COUNTS else "a finite number"
             raise UserError(f"{key}={value!r}: expected {kind} >= {least}")
-    actors = OmegaConf.select(cfg, "cache.actors", default=1)
-    if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
-        raise UserError(f"cache.actors={actors!r}: expected an integer >= 1")
     reuse = OmegaConf.select(cfg, "search.reuse_actors", default=False)
     if not isinstance(reuse, bool):
         raise UserError(f"search.reuse_actors={reuse!r}: expected true or false")

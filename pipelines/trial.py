@@ -281,7 +281,7 @@ def _report_with_checkpoint(metrics: dict, run: dict, scorer: RoleLM, proposer: 
 
 
 def _finish(ctx: TrialContext, spec: dict, trial_id: str, task: Task, method, run: dict,
-            scorer: RoleLM, proposer: RoleLM, cpu_start: float = 0.0) -> dict:
+            scorer: RoleLM, proposer: RoleLM, cpu_start: float) -> dict:
     """Score the final best prompt on test (the only time test data is touched) and record it."""
     start = time.perf_counter()
     best = method.best(run["state"])

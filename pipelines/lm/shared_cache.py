@@ -41,19 +41,19 @@ class CacheActor:
         self._cpu_start = time.process_time()
 
     def get_many(self, keys: Sequence[bytes]) -> dict:
-        start = time.perf_counter()
         self.calls["get"] += 1
         self.calls["keys"] += len(keys)
-        try:
-            return self.store.get_many(keys)
-        finally:
-            self.calls["busy_s"] += time.perf_counter() - start
+        return self._timed(self.store.get_many, keys)
 
     def put_many(self, items: list) -> None:
-        start = time.perf_counter()
         self.calls["put"] += 1
+        self._timed(self.store.put_many, items)
+
+    def _timed(self, fn, arg):
+        """``fn(arg)``, its time added to ``busy_s``."""
+        start = time.perf_counter()
         try:
-            self.store.put_many(items)
+            return fn(arg)
         finally:
             self.calls["busy_s"] += time.perf_counter() - start
 
