@@ -10,11 +10,13 @@ trial's ``CachedLM`` does around each LM call. All actors serve one SQLite file
 best count's rate over one actor's on the last line. The clients share the
 machine's cores with the actors: on 2 cores the ratio is bounded by what the clients leave
 free, so read it as a lower bound of what more actors give on a head node with cores to spare.
+It also times SQLite's own writes in one process, the serial part no number of actors removes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import tempfile
@@ -52,6 +54,27 @@ def measure(count: int, clients: int, rounds: int, keys: int, folder: Path) -> d
             "gets": [s["get"] for s in stats]}
 
 
+def _digest(text: bytes) -> bytes:
+    """A key shaped like the cache's (a 16-byte hash: inserts land all over the index, not at its end)."""
+    return hashlib.blake2b(text, digest_size=16).digest()
+
+
+def sqlite_put_us(folder: Path, keys: int, rounds: int = 400) -> float:
+    """Microseconds per key that one process takes to store new keys, ``keys`` per transaction,
+    into a file already holding 50,000: the part that stays serial however many actors there
+    are (SQLite writes one transaction at a time)."""
+    from pipelines.lm.cache import EvalStore
+
+    store = EvalStore(folder / "writer.sqlite")
+    for r in range(50_000 // keys):
+        store.put_many([(_digest(b"fill-%d-%d" % (r, k)), -1.25, 12.0) for k in range(keys)])
+    batches = [[(_digest(b"new-%d-%d" % (r, k)), -1.25, 12.0) for k in range(keys)] for r in range(rounds)]
+    start = time.perf_counter()
+    for batch in batches:
+        store.put_many(batch)
+    return 1e6 * (time.perf_counter() - start) / (rounds * keys)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -66,7 +89,10 @@ def main() -> None:
             rows.append(row := measure(count, args.clients, args.rounds, args.keys, Path(folder)))
             print(f"{count} actor(s): {row['keys_s']:,.0f} keys/s (looked up and stored), "
                   f"{row['cpu_us_per_key']:.0f} us of actor CPU per key, calls per actor {row['gets']}", flush=True)
+        writer_us = sqlite_put_us(Path(folder), args.keys)
     ray.shutdown()
+    print(f"SQLite alone, one writer: {writer_us:.1f} us a key stored ({1e6 / writer_us:,.0f} keys/s at most, "
+          "whatever the number of actors)")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {args.clients} clients x "
           f"{args.rounds} rounds x {args.keys} keys")
     one = next((r for r in rows if r["actors"] == 1), rows[0])
